@@ -1,0 +1,166 @@
+"""End-to-end trials on real Fashion-MNIST with the tiny ResNet (32 px, a few hundred images)."""
+import json
+import math
+
+import pytest
+import torch
+
+from vpns_core.checkpoint import CheckpointError, safe_load
+from vpns_core.config import Config
+from vpns_core.methods import METHODS
+from vpns_core.models import build_model
+from vpns_core.train import CHECKPOINT, NonFiniteLossError, Trial, run_trial
+
+TINY = dict(model="tiny_resnet", pretrained=False, dataset="fashion_mnist", train_subset=128,
+            test_subset=64, val_fraction=0.25, input_size=24, output_size=32, pad_size=4,
+            batch_size=32, eval_batch_size=64, mask_epochs=1, tune_epochs=1, sparsity=0.8,
+            label_mapping_samples=64, mask_lr=0.05, tune_lr=0.05)
+
+
+def tiny(**changes):
+    return Config(**{**TINY, **changes})
+
+
+@pytest.mark.parametrize("method", METHODS.names())
+def test_every_method_runs_and_reports(method, tmp_path):
+    seen = []
+    result = run_trial(tiny(method=method), tmp_path, reporter=seen.append)
+    stages = [m["stage"] for m in seen]
+    assert stages == (["tune"] if method == "dense" else ["mask", "tune"])
+    assert [m["epoch"] for m in seen] == list(range(1, len(seen) + 1))
+    for m in seen:
+        for key in ("train_loss", "test_acc_prompt", "test_acc_noprompt", "sparsity", "lr",
+                    "epoch_time_s", "images_per_s", "grad_steps"):
+            assert math.isfinite(m[key]), key
+        assert 0 <= m["test_acc"] <= 1
+    expected = 0.0 if method == "dense" else 0.8
+    assert seen[-1]["sparsity"] == pytest.approx(expected, abs=1e-4)
+    assert result.final["selected_epoch"] >= 1
+    assert (tmp_path / "model_export.pt").is_file() and (tmp_path / "masks.pt").is_file()
+    assert seen[-1]["grad_steps"] == 4 * len(seen)  # 128 images / 32 per batch per epoch
+
+
+def test_hydra_means_no_prompt_and_prompt_is_trained_in_vpns(tmp_path):
+    hydra = Trial(tiny(method="hydra"), tmp_path / "h")
+    assert hydra.cfg.effective_vp_stages == "none"
+    hydra.run()
+    assert torch.count_nonzero(hydra.prompt.delta) == 0
+    vpns = Trial(tiny(method="vpns"), tmp_path / "v")
+    vpns.run()
+    delta = vpns.prompt.delta.detach()
+    assert torch.count_nonzero(delta) > 0
+    assert torch.count_nonzero(delta * (1 - vpns.prompt.mask)) == 0  # centre never tuned
+
+
+def test_pruned_weights_zero_after_tuning_and_export_loads_plainly(tmp_path):
+    trial = Trial(tiny(sparsity=0.9, tune_epochs=2), tmp_path)
+    trial.run()
+    masks = safe_load(tmp_path / "masks.pt")["masks"]
+    kept = sum(int(m.sum()) for m in masks.values())
+    total = sum(m.numel() for m in masks.values())
+    assert abs(kept - round(0.1 * total)) <= 1
+    for name, module in trial.net.layers:
+        assert torch.all(module.weight[~masks[name]] == 0)
+    export = safe_load(tmp_path / "model_export.pt")
+    plain = build_model("tiny_resnet", pretrained=False).module
+    plain.load_state_dict(export["state_dict"])  # a plain model, no vpns hooks
+    for name, module in plain.named_modules():
+        if name in masks:
+            assert torch.all(module.weight[~masks[name]] == 0)
+    stats = json.loads((tmp_path / "layer_stats.json").read_text())
+    assert {s["name"] for s in stats if s["pruned"]} == set(masks)
+    assert sum(s["kept"] for s in stats if s["pruned"]) == kept
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    cfg = tiny(mask_epochs=2, tune_epochs=2, prompt="random", pad_size=6)
+    full = []
+    run_trial(cfg, tmp_path / "full", reporter=full.append)
+
+    class Stop(Exception):
+        pass
+
+    for stop_after in (1, 2, 3):  # inside stage 1, at the stage boundary, inside stage 2
+        part = []
+
+        def reporter(m, part=part, stop_after=stop_after):
+            part.append(m)
+            if len(part) == stop_after:
+                raise Stop
+        work = tmp_path / f"cut{stop_after}"
+        with pytest.raises(Stop):
+            run_trial(cfg, work, reporter=reporter)
+        rest = []
+        run_trial(cfg, work, reporter=rest.append)
+        assert len(part) + len(rest) == len(full)
+        for a, b in zip(part + rest, full):
+            for key in ("train_loss", "test_acc_prompt", "test_acc_noprompt", "sparsity"):
+                assert a[key] == pytest.approx(b[key], abs=1e-6), (stop_after, key)
+
+
+def test_corrupt_checkpoint_and_config_mismatch_are_refused(tmp_path):
+    (tmp_path / CHECKPOINT).write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        Trial(tiny(), tmp_path)
+    other = tmp_path / "o"
+    run_trial(tiny(), other)
+    with pytest.raises(CheckpointError, match="different config"):
+        Trial(tiny(sparsity=0.5), other)
+
+
+def test_nan_loss_stops_trial(tmp_path):
+    with pytest.raises(NonFiniteLossError):
+        run_trial(tiny(tune_lr=1e30, method="dense", momentum=0.0), tmp_path)
+
+
+@pytest.mark.parametrize("schedule,stages", [("reference", "both"), ("paper", "mask"), ("paper", "tune")])
+def test_schedules_and_vp_stage_switches(schedule, stages, tmp_path):
+    seen = []
+    trial = Trial(tiny(schedule=schedule, vp_stages=stages), tmp_path)
+    trial.reporter = seen.append
+    trial.run()
+    steps_per_epoch = 4 * (2 if schedule == "reference" else 1)
+    mask_steps = steps_per_epoch if stages in ("both", "mask") else 4
+    assert seen[0]["grad_steps"] == mask_steps
+    if stages == "mask":  # prompt learned in stage 1, dropped for tuning
+        assert torch.count_nonzero(trial.prompt.delta) == 0
+        assert seen[-1]["test_acc_prompt"] == seen[-1]["test_acc_noprompt"]
+    if stages == "tune":
+        assert seen[0]["prompt_lr"] == 0.0 and seen[1]["prompt_lr"] > 0
+
+
+def test_transfer_from_mask_file(tmp_path):
+    run_trial(tiny(), tmp_path / "src")
+    seen = []
+    cfg = tiny(dataset="digits", mask_file=str(tmp_path / "src" / "masks.pt"), train_subset=None,
+               test_subset=None)
+    run_trial(cfg, tmp_path / "dst", reporter=seen.append)
+    assert [m["stage"] for m in seen] == ["tune"]
+    src = safe_load(tmp_path / "src" / "masks.pt")["masks"]
+    dst = safe_load(tmp_path / "dst" / "masks.pt")["masks"]
+    assert all(torch.equal(src[k], dst[k]) for k in src)
+
+
+def test_linear_head_and_layerwise_allocation(tmp_path):
+    trial = Trial(tiny(head="linear", allocation="layerwise", prune_first=False), tmp_path)
+    trial.run()
+    assert trial.new_head.out_features == 10
+    stats = trial.net.layer_stats()
+    first = [s for s in stats if not s.pruned]
+    assert len(first) == 2 and all(s.density == 1 for s in first)  # head + first conv dense
+    assert all(abs(s.density - 0.2) < 0.02 for s in stats if s.pruned and s.numel > 100)
+
+
+def test_cli_runs_one_trial(tmp_path, capsys):
+    from vpns_core.cli import main
+    args = ["--out", str(tmp_path)]
+    for key, value in TINY.items():
+        flag = "--" + key.replace("_", "-")
+        args += [flag if value is not False else "--no-" + key.replace("_", "-")]
+        if not isinstance(value, bool):
+            args.append(str(value))
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert '"selected_test_acc"' in out and (tmp_path / CHECKPOINT).is_file()
+    assert main(["--sparsity", "1.5"]) == 2
+    assert "sparsity:" in capsys.readouterr().err

@@ -1,0 +1,81 @@
+"""``python -m vpns_core``: run one trial from the command line and print a summary.
+
+Every :class:`~vpns_core.config.Config` field is a flag (``--pad-size 8``, ``--no-pretrained``,
+``--train-subset none``); the config is validated before anything is loaded.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+import types
+import typing
+from pathlib import Path
+
+from .config import Config, ConfigError
+
+
+def _parse_optional(kind):
+    def parse(text: str):
+        return None if text.lower() in ("none", "null", "") else kind(text)
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m vpns_core", description=__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out", default="results/trials/cli", help="trial folder (checkpoint, masks, export)")
+    parser.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    hints = typing.get_type_hints(Config)
+    for f in dataclasses.fields(Config):
+        if f.name == "tags":
+            parser.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE")
+            continue
+        kind = hints[f.name]
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            continue
+        args = typing.get_args(kind)
+        optional = isinstance(kind, types.UnionType) and type(None) in args
+        base = next(a for a in args if a is not type(None)) if optional else kind
+        parser.add_argument(flag, type=_parse_optional(base) if optional else base, default=default)
+    return parser
+
+
+def config_from_args(ns: argparse.Namespace) -> Config:
+    values = {k: v for k, v in vars(ns).items() if k not in ("out", "no_resume", "tag")}
+    values["tags"] = dict(t.split("=", 1) for t in ns.tag)
+    return Config(**values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(ns)
+        cfg.check_resources()
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from .train import run_trial
+
+    def report(m):
+        print(f"[{m['stage']} {m['stage_epoch']}] loss {m['train_loss']:.3f} train {m['train_acc']:.3f} "
+              f"test {m['test_acc_prompt']:.3f} (prompt) / {m['test_acc_noprompt']:.3f} (no prompt) "
+              f"sparsity {m['sparsity']:.3f} {m['epoch_time_s']:.1f}s", flush=True)
+
+    t0 = time.time()
+    result = run_trial(cfg, Path(ns.out), reporter=report, resume=not ns.no_resume)
+    summary = {k: v for k, v in result.final.items() if isinstance(v, (int, float, str))}
+    summary["total_time_s"] = round(time.time() - t0, 1)
+    print(json.dumps(summary, indent=1))
+    print(f"artifacts in {result.workdir}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""The one typed description of a trial, validated when it is built.
+
+``Config(**values)`` or ``Config.from_dict(tune_config)`` raise :class:`ConfigError` naming the
+field and the allowed values for anything wrong, before any data or model is touched. Unknown keys
+fail. Derived values (prompt size at equal tunable count, effective VP stages) are properties.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+VP_STAGES = ("both", "mask", "tune", "none")
+SCHEDULES = ("paper", "reference")
+HEADS = ("flm", "ilm", "linear")
+DEVICES = ("auto", "cpu", "cuda")
+ALLOWED_INPUT_SIZES_PAPER = (32, 64, 96, 128, 160, 192, 224)
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message starts with the field name."""
+
+
+@dataclass(frozen=True)
+class Config:
+    # --- task -------------------------------------------------------------------------------
+    dataset: str = "fashion_mnist"
+    data_root: str | None = None
+    download: bool = False
+    train_subset: int | None = 3000
+    test_subset: int | None = 2000
+    val_fraction: float = 0.1
+    data_seed: int = 0
+    model: str = "efficientnet_lite0"
+    pretrained: bool = True
+    source_checkpoint: str | None = None
+    head: str = "flm"                   # flm | ilm (mapping recomputed every epoch) | linear
+    label_mapping_samples: int = 1000   # training images used to compute the label mapping
+    bn_momentum: float | None = 0.1     # None keeps the model's own (Lite0 ships TF's 0.01)
+    bn_recalibrate_batches: int = 0     # >0: re-estimate BN statistics after the mask is set
+    # --- prompt -----------------------------------------------------------------------------
+    prompt: str = "pad"                 # pad | fix | random | none
+    input_size: int = 48
+    output_size: int = 64
+    pad_size: int = 8
+    prompt_size: int | None = None      # fix/random square; None = same tunable count as pad
+    vp_stages: str = "both"             # both | mask | tune | none (none = HYDRA)
+    schedule: str = "paper"             # paper | reference (alternating prompted/plain steps)
+    # --- pruning ----------------------------------------------------------------------------
+    method: str = "vpns"
+    sparsity: float = 0.5
+    allocation: str = "global"          # global | layerwise | erk
+    prune_first: bool = True
+    prune_head: bool = False
+    density_floor: float = 0.01
+    mask_file: str | None = None        # transfer: start stage 2 from these masks (skips stage 1)
+    # --- stage 1: mask finding (scores + prompt, Adam, cosine) ------------------------------
+    mask_epochs: int = 2
+    mask_lr: float = 0.01
+    mask_prompt_lr: float | None = None  # None = mask_lr
+    # --- stage 2: weight tuning (weights + prompt, SGD momentum, cosine) --------------------
+    tune_epochs: int = 2
+    tune_lr: float = 0.01
+    tune_prompt_lr: float | None = None  # None = tune_lr
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    batch_size: int = 64
+    # --- runtime ----------------------------------------------------------------------------
+    seed: int = 7
+    device: str = "auto"
+    amp: bool = True                    # mixed precision on CUDA (ignored on CPU)
+    num_workers: int = 0
+    eval_batch_size: int = 256
+    max_steps_per_epoch: int | None = None  # cap for smoke tests and quick sweeps
+    tags: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    # --- construction -----------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Config":
+        """Build from a plain dict (a Tune config, an MLflow params dict); unknown keys fail."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ConfigError(f"{unknown[0]}: unknown config key; known keys: {', '.join(sorted(names))}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+    # --- derived values ---------------------------------------------------------------------
+
+    @property
+    def effective_vp_stages(self) -> str:
+        from .methods import METHODS
+        return METHODS.get(self.method).vp_stages(self)
+
+    @property
+    def prompt_in_mask_stage(self) -> bool:
+        return self.prompt != "none" and self.effective_vp_stages in ("both", "mask")
+
+    @property
+    def prompt_in_tune_stage(self) -> bool:
+        return self.prompt != "none" and self.effective_vp_stages in ("both", "tune")
+
+    @property
+    def resolved_prompt_size(self) -> int:
+        from .prompts import equal_param_prompt_size
+        return self.prompt_size or equal_param_prompt_size(self.output_size, self.pad_size)
+
+    # --- validation -------------------------------------------------------------------------
+
+    def _validate(self) -> None:
+        from .data import DATASETS
+        from .methods import METHODS
+        from .models import model_names
+        from .prompts import PROMPTS
+        from .masking import ALLOCATIONS
+
+        def fail(name: str, message: str) -> None:
+            raise ConfigError(f"{name}: {message} (got {getattr(self, name)!r})")
+
+        def choice(name: str, allowed) -> None:
+            if getattr(self, name) not in allowed:
+                fail(name, f"choose from {', '.join(map(str, allowed))}")
+
+        for name, kind in (("train_subset", int), ("test_subset", int), ("prompt_size", int),
+                           ("input_size", int), ("output_size", int), ("batch_size", int),
+                           ("eval_batch_size", int), ("label_mapping_samples", int),
+                           ("max_steps_per_epoch", int)):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                fail(name, "must be a positive integer")
+        for name in ("pad_size", "mask_epochs", "tune_epochs", "num_workers",
+                     "bn_recalibrate_batches", "seed", "data_seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                fail(name, "must be a non-negative integer")
+        for name in ("mask_lr", "tune_lr", "mask_prompt_lr", "tune_prompt_lr"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                fail(name, "must be a positive number")
+        for name in ("weight_decay", "momentum"):
+            if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) >= 0):
+                fail(name, "must be a non-negative number")
+        if not (isinstance(self.sparsity, (int, float)) and 0.0 <= self.sparsity < 1.0):
+            fail("sparsity", "must be in [0, 1)")
+        if not 0.0 <= self.val_fraction < 1.0:
+            fail("val_fraction", "must be in [0, 1)")
+        if not 0.0 <= self.density_floor < 1.0:
+            fail("density_floor", "must be in [0, 1)")
+        if self.bn_momentum is not None and not 0.0 < self.bn_momentum <= 1.0:
+            fail("bn_momentum", "must be in (0, 1] or None")
+        choice("vp_stages", VP_STAGES)
+        choice("schedule", SCHEDULES)
+        choice("head", HEADS)
+        choice("device", DEVICES)
+        choice("allocation", ALLOCATIONS)
+        choice("prompt", PROMPTS.names())
+        choice("method", METHODS.names())
+        choice("dataset", DATASETS.names())
+        if self.model not in model_names():
+            fail("model", "unknown model; choose from efficientnet_lite0, tiny_resnet or any "
+                          "torchvision classification model (resnet18, resnet50, vgg16, ...)")
+        # Geometry (MISSION.md): pad may exceed the zero border and overlap the image.
+        if self.input_size > self.output_size:
+            fail("input_size", f"must not exceed output_size={self.output_size}")
+        if 2 * self.pad_size > self.output_size:
+            fail("pad_size", f"must be at most output_size/2 = {self.output_size // 2}")
+        if self.prompt_size is not None and self.prompt_size > self.output_size:
+            fail("prompt_size", f"must not exceed output_size={self.output_size}")
+        if self.prompt in ("fix", "random") and self.prompt_size is None and self.pad_size == 0:
+            fail("prompt_size", "needed for fix/random prompts when pad_size is 0")
+        if self.prompt == "pad" and self.pad_size == 0 and self.effective_vp_stages != "none":
+            fail("pad_size", "a pad prompt needs pad_size >= 1 (use prompt='none' for no prompt)")
+        if self.device == "cuda":
+            import torch
+            if not torch.cuda.is_available():
+                fail("device", "CUDA is not available on this machine; use 'auto' or 'cpu'")
+        if self.mask_file is not None and not os.path.isfile(self.mask_file):
+            fail("mask_file", "file not found")
+        if self.source_checkpoint is not None and not os.path.isfile(self.source_checkpoint):
+            fail("source_checkpoint", "file not found")
+        if not isinstance(self.tags, dict):
+            fail("tags", "must be a dict of strings")
+        METHODS.get(self.method).validate(self)
+
+    def check_resources(self) -> None:
+        """Check that data and weights are reachable (fast, no compute); raises with a fix."""
+        from .data import check_available
+        from .models import check_model
+        check_available(self.dataset, self.data_root, self.download)
+        check_model(self.model, self.pretrained and self.source_checkpoint is None,
+                    self.source_checkpoint)

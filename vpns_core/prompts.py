@@ -1,0 +1,163 @@
+"""Visual prompts: resize-and-pad an image, add a learnable perturbation, clamp, normalise.
+
+The prompt lives in pixel space ([0, 1]); normalisation with the source model's mean/std
+happens after it (VPNs, Sec. 3, "data-model co-design"). Shapes: input ``[B, 3, in, in]``
+in [0, 1], output ``[B, 3, out, out]`` normalised.
+
+Variants (MISSION.md):
+- ``pad``: the four border strips of width ``pad_size`` are tunable; ``delta`` is added
+  directly. Tunable count ``3 * (out**2 - (out - 2 * pad)**2)``.
+- ``fix``: a ``prompt_size`` square in the top-left corner; ``sigmoid(delta)`` is added.
+- ``random``: a ``prompt_size`` square at a random location, redrawn every forward pass on
+  the input's device; ``sigmoid(delta)`` is added.
+- ``none``: only resize-and-pad and normalisation (the HYDRA / no-VP input pipeline).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .registry import Registry
+
+PROMPTS: Registry[type["Prompt"]] = Registry("prompt")
+
+
+def equal_param_prompt_size(output_size: int, pad_size: int) -> int:
+    """Side of a square prompt with (about) as many tunable pixels as a pad prompt.
+
+    224 px with pad 16 gives 115, the reference code's ``mask_size``.
+    """
+    return max(1, round(math.sqrt(output_size**2 - (output_size - 2 * pad_size) ** 2)))
+
+
+class Prompt(nn.Module):
+    """Base class: centre zero-padding from ``input_size`` to ``output_size`` and normalisation."""
+
+    def __init__(self, input_size: int, output_size: int, mean, std) -> None:
+        super().__init__()
+        self.input_size = input_size
+        self.output_size = output_size
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        lo = (output_size - input_size) // 2
+        self._pad = (lo, output_size - input_size - lo, lo, output_size - input_size - lo)
+
+    def place(self, x: Tensor) -> Tensor:
+        """Resize ``x`` to ``input_size`` if needed and zero-pad it centrally to ``output_size``."""
+        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
+                              antialias=True, align_corners=False)
+        return F.pad(x, self._pad) if self.output_size != self.input_size else x
+
+    def perturbation(self, x: Tensor) -> Tensor | None:
+        """The additive prompt ``delta * M`` broadcastable to ``[B, 3, out, out]``; None for none."""
+        return None
+
+    def forward(self, x: Tensor, enabled: bool = True) -> Tensor:
+        """Prompt and normalise ``x``; ``enabled=False`` evaluates without the prompt."""
+        x = self.place(x)
+        delta = self.perturbation(x) if enabled else None
+        if delta is not None:
+            # Clamp to [0, 1] with a straight-through gradient: torch's clamp has zero gradient
+            # at the bounds, so a zero-initialised prompt over zero padding would never move.
+            x = x + delta
+            x = x + (x.clamp(0.0, 1.0) - x).detach()
+        return (x - self.mean) / self.std
+
+    @property
+    def tunable_count(self) -> int:
+        """Number of prompt values a gradient step can change."""
+        return 0
+
+    def image(self) -> Tensor:
+        """The prompt as a ``[3, out, out]`` picture in [0, 1] over a grey canvas, for logging."""
+        canvas = torch.full((1, 3, self.output_size, self.output_size), 0.5,
+                            device=self.mean.device)
+        with torch.no_grad():
+            delta = self.perturbation(canvas)
+        return canvas[0] if delta is None else (canvas + delta).clamp(0, 1)[0]
+
+
+@PROMPTS.register("none")
+class NoPrompt(Prompt):
+    pass
+
+
+@PROMPTS.register("pad")
+class PadPrompt(Prompt):
+    """Tunable border of width ``pad_size`` over a full-size ``delta`` (zero init)."""
+
+    def __init__(self, input_size: int, output_size: int, mean, std, pad_size: int) -> None:
+        super().__init__(input_size, output_size, mean, std)
+        self.pad_size = pad_size
+        mask = torch.ones(1, 1, output_size, output_size)
+        inner = output_size - 2 * pad_size
+        if inner > 0:
+            mask[..., pad_size:pad_size + inner, pad_size:pad_size + inner] = 0
+        self.register_buffer("mask", mask)
+        self.delta = nn.Parameter(torch.zeros(1, 3, output_size, output_size))
+
+    def perturbation(self, x: Tensor) -> Tensor:
+        return self.delta * self.mask
+
+    @property
+    def tunable_count(self) -> int:
+        return 3 * int(self.mask.sum().item())
+
+
+class _PatchPrompt(Prompt):
+    """A ``prompt_size`` square patch ``sigmoid(delta)`` placed on an ``out x out`` canvas."""
+
+    def __init__(self, input_size: int, output_size: int, mean, std, prompt_size: int) -> None:
+        super().__init__(input_size, output_size, mean, std)
+        self.prompt_size = prompt_size
+        self.delta = nn.Parameter(torch.zeros(1, 3, prompt_size, prompt_size))
+
+    def offsets(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Row and column of the patch's top-left corner, as 0-d tensors on ``x.device``."""
+        raise NotImplementedError
+
+    def perturbation(self, x: Tensor) -> Tensor:
+        # Build the canvas by gathering from the patch with index tensors, so a random
+        # location needs no host synchronisation on CUDA.
+        out, size = self.output_size, self.prompt_size
+        row0, col0 = self.offsets(x)
+        grid = torch.arange(out, device=x.device)
+        rows, cols = grid - row0, grid - col0
+        inside = ((rows >= 0) & (rows < size))[:, None] & ((cols >= 0) & (cols < size))[None, :]
+        patch = torch.sigmoid(self.delta)
+        canvas = patch[:, :, rows.clamp(0, size - 1)][:, :, :, cols.clamp(0, size - 1)]
+        return canvas * inside.to(patch.dtype)
+
+    @property
+    def tunable_count(self) -> int:
+        return self.delta.numel()
+
+
+@PROMPTS.register("fix")
+class FixPrompt(_PatchPrompt):
+    def offsets(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        zero = torch.zeros((), dtype=torch.long, device=x.device)
+        return zero, zero
+
+
+@PROMPTS.register("random")
+class RandomPrompt(_PatchPrompt):
+    def offsets(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        corner = torch.randint(0, self.output_size - self.prompt_size + 1, (2,), device=x.device)
+        return corner[0], corner[1]
+
+
+def build_prompt(kind: str, *, input_size: int, output_size: int, mean, std,
+                 pad_size: int = 0, prompt_size: int | None = None) -> Prompt:
+    """Create a prompt by name; ``prompt_size`` None means equal tunable count to ``pad_size``."""
+    cls = PROMPTS.get(kind, "prompt")
+    if cls is PadPrompt:
+        return cls(input_size, output_size, mean, std, pad_size=pad_size)
+    if issubclass(cls, _PatchPrompt):
+        size = prompt_size or equal_param_prompt_size(output_size, pad_size)
+        return cls(input_size, output_size, mean, std, prompt_size=size)
+    return cls(input_size, output_size, mean, std)

@@ -1,0 +1,503 @@
+"""The one training loop of vpns: a :class:`Trial` runs a method's stages and reports metrics.
+
+``run_trial(cfg, workdir, reporter)`` builds data, model, prompt and label mapping, lets the
+method (``cfg.method``) call ``run_stage`` for each stage, checkpoints atomically after every
+epoch and resumes from that checkpoint exactly (model, masks, prompt, optimizer, scheduler, RNG).
+Metrics go to ``reporter(metrics)`` once per epoch; nothing is printed.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
+
+from .checkpoint import CheckpointError, atomic_save, rng_state, safe_load, seed_everything, set_rng_state
+from .config import Config
+from .data import DataSplits, build_data, random_crop_flip
+from .label_mapping import LabelMap, frequency_label_mapping
+from .masking import MaskedNetwork, plain_state_dict
+from .methods import METHODS
+from .models import SourceModel, build_model, first_layer, head_layer, replace_head, set_bn_momentum
+from .prompts import Prompt, build_prompt
+
+Reporter = Callable[[dict[str, Any]], None]
+STAGES = ("mask", "tune")
+CHECKPOINT = "checkpoint.pt"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; the trial stops at once."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class TrialResult:
+    config: Config
+    final: dict[str, Any]
+    history: list[dict[str, Any]]
+    layer_stats: list[dict[str, Any]] = field(default_factory=list)
+    workdir: Path | None = None
+
+
+class Trial:
+    """State of one run: the model with its masks, the prompt, the label map, data and optimiser."""
+
+    def __init__(self, cfg: Config, workdir: str | Path, reporter: Reporter | None = None,
+                 resume: bool = True) -> None:
+        cfg.check_resources()  # clear errors about data/weights before any compute
+        self.cfg = cfg
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.reporter = reporter or (lambda metrics: None)
+        self.device = resolve_device(cfg.device)
+        self.method = METHODS.get(cfg.method)
+        seed_everything(cfg.seed)
+
+        self.data: DataSplits = build_data(
+            cfg.dataset, cfg.data_root, cfg.input_size, train_subset=cfg.train_subset,
+            test_subset=cfg.test_subset, val_fraction=cfg.val_fraction, data_seed=cfg.data_seed,
+            download=cfg.download)
+        source: SourceModel = build_model(cfg.model, pretrained=cfg.pretrained,
+                                          source_checkpoint=cfg.source_checkpoint)
+        self.source = source
+        self.model = source.module
+        set_bn_momentum(self.model, cfg.bn_momentum)
+        self.head_name, _ = head_layer(self.model)
+        self.new_head: nn.Linear | None = None
+        if cfg.head == "linear":
+            self.new_head = replace_head(self.model, self.data.num_classes)
+        elif self.data.num_classes > source.num_source_classes:
+            raise ValueError(f"head: {self.data.num_classes} target classes cannot be label-mapped "
+                             f"onto {source.num_source_classes} source classes; use head='linear'")
+        self.label_map = LabelMap(self.data.num_classes, identity=cfg.head == "linear")
+        self.prompt: Prompt = build_prompt(cfg.prompt, input_size=cfg.input_size,
+                                           output_size=cfg.output_size, mean=source.mean,
+                                           std=source.std, pad_size=cfg.pad_size,
+                                           prompt_size=cfg.resolved_prompt_size)
+        self.model.to(self.device)
+        self.prompt.to(self.device)
+        self.label_map.to(self.device)
+
+        exclude = []
+        if not cfg.prune_head:
+            exclude.append(self.head_name)
+        if not cfg.prune_first:
+            exclude.append(first_layer(self.model)[0])
+        self.net = MaskedNetwork(self.model, cfg.sparsity if self.method.prunes else 0.0,
+                                 allocation=cfg.allocation, exclude=tuple(exclude),
+                                 density_floor=cfg.density_floor)
+        self.mask_file_masks = self._load_mask_file() if cfg.mask_file else None
+
+        use_cuda = self.device.type == "cuda"
+        self.amp_dtype = None
+        if use_cuda and cfg.amp:
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.history: list[dict[str, Any]] = []
+        self.completed: list[str] = []
+        self.grad_steps = 0
+        self.wall_time = 0.0
+        self.best: dict[str, Any] | None = None
+        self.mapping_done = False
+        self.resume_state: dict[str, Any] | None = None
+        ckpt = self.workdir / CHECKPOINT
+        if resume and ckpt.exists():
+            self._restore(safe_load(ckpt, map_location=self.device))
+
+    # --- data -------------------------------------------------------------------------------
+
+    def _loader(self, dataset, train: bool, generator: torch.Generator | None = None) -> DataLoader:
+        cfg = self.cfg
+        workers = cfg.num_workers
+        return DataLoader(
+            dataset, batch_size=cfg.batch_size if train else cfg.eval_batch_size,
+            shuffle=train, drop_last=train and len(dataset) >= cfg.batch_size,
+            generator=generator, num_workers=workers, pin_memory=self.device.type == "cuda",
+            persistent_workers=False)
+
+    def _to_device(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        x = x.to(self.device, non_blocking=True).float().div_(255.0)
+        return x, y.to(self.device, non_blocking=True)
+
+    # --- forward ----------------------------------------------------------------------------
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def forward(self, x: Tensor, prompted: bool) -> Tensor:
+        return self.label_map(self.model(self.prompt(x, enabled=prompted)))
+
+    def prompt_params(self) -> list[nn.Parameter]:
+        return list(self.prompt.parameters())
+
+    def head_groups(self, lr: float) -> list[dict[str, Any]]:
+        """A new linear head is trained in the mask stage too (its weights are not pretrained)."""
+        if self.new_head is None:
+            return []
+        params = [p for n, p in self.new_head.named_parameters() if n in ("weight", "bias")]
+        return [{"params": params, "lr": lr}]
+
+    @torch.no_grad()
+    def evaluate(self, dataset, prompted: bool) -> tuple[float, float]:
+        """Top-1 accuracy and mean loss on ``dataset`` (eval mode)."""
+        self.model.eval()
+        correct = torch.zeros((), device=self.device)
+        loss = torch.zeros((), device=self.device)
+        for x, y in self._loader(dataset, train=False):
+            x, y = self._to_device(x, y)
+            with self.autocast():
+                logits = self.forward(x, prompted).float()
+            loss += F.cross_entropy(logits, y, reduction="sum")
+            correct += (logits.argmax(1) == y).sum()
+        n = len(dataset)
+        return correct.item() / n, loss.item() / n
+
+    @torch.no_grad()
+    def compute_label_mapping(self, prompted: bool) -> Tensor:
+        """FLM over ``label_mapping_samples`` training images (test-time transform)."""
+        if self.label_map.identity:
+            return self.label_map.mapping
+        data = self.data.train_eval
+        n = min(len(data), self.cfg.label_mapping_samples)
+        self.model.eval()
+        preds, targets = [], []
+        for x, y in self._loader(Subset(data, range(n)), train=False):
+            x, y = self._to_device(x, y)
+            with self.autocast():
+                preds.append(self.model(self.prompt(x, enabled=prompted)).argmax(1))
+            targets.append(y)
+        mapping = frequency_label_mapping(torch.cat(preds), torch.cat(targets),
+                                          self.source.num_source_classes, self.data.num_classes)
+        self.label_map.mapping.copy_(mapping.to(self.device))
+        return mapping
+
+    @torch.no_grad()
+    def recalibrate_bn(self, prompted: bool) -> None:
+        """Re-estimate BatchNorm running statistics for the (sparse) model on training images."""
+        bns = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not bns or self.cfg.bn_recalibrate_batches == 0:
+            return
+        saved = [m.momentum for m in bns]
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the calibration batches
+        self.model.train()
+        for i, (x, y) in enumerate(self._loader(self.data.train_eval, train=False)):
+            if i >= self.cfg.bn_recalibrate_batches:
+                break
+            self.model(self.prompt(self._to_device(x, y)[0], enabled=prompted))
+        for m, momentum in zip(bns, saved):
+            m.momentum = momentum
+
+    # --- stages -----------------------------------------------------------------------------
+
+    def stage_pending(self, stage: str) -> bool:
+        return stage not in self.completed
+
+    def run_tune_stage(self) -> None:
+        """Stage 2: weights (all model parameters) and, if enabled, the prompt with SGD."""
+        cfg = self.cfg
+        if not self.stage_pending("tune"):
+            return
+        weights = list(self.model.parameters())
+        groups = [{"params": weights, "lr": cfg.tune_lr}]
+        prompted = cfg.prompt_in_tune_stage
+        if prompted:
+            groups.append({"params": self.prompt_params(), "lr": cfg.tune_prompt_lr or cfg.tune_lr})
+        if cfg.prompt_in_mask_stage and not prompted:
+            with torch.no_grad():  # "VP only in mask finding": the prompt is dropped here
+                for p in self.prompt_params():
+                    p.zero_()
+        self.run_stage("tune", groups, optimizer="sgd", epochs=cfg.tune_epochs, prompted=prompted)
+
+    def _optimizer(self, kind: str, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        cfg = self.cfg
+        for g in groups:
+            for p in g["params"]:
+                p.requires_grad_(True)
+        if kind == "adam":
+            return torch.optim.Adam(groups, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+    def run_stage(self, stage: str, groups: list[dict[str, Any]], *, optimizer: str, epochs: int,
+                  prompted: bool) -> None:
+        """Train ``groups`` for ``epochs`` with cosine decay; checkpoint and report every epoch."""
+        cfg = self.cfg
+        trainable = {id(p) for g in groups for p in g["params"]}
+        for p in list(self.model.parameters()) + self.prompt_params():
+            p.requires_grad_(id(p) in trainable)
+        opt = self._optimizer(optimizer, groups)
+        steps_per_epoch = self._steps_per_epoch()
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * steps_per_epoch))
+        start = 0
+        state = self.resume_state
+        if state is not None and state["stage"] == stage:
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            start = state["stage_epoch"]
+            set_rng_state(state["rng"])
+            self.resume_state = None
+        elif not self.mapping_done:
+            self.compute_label_mapping(prompted=False)  # after the threshold is set, zero prompt
+            self.mapping_done = True
+        if stage == "tune" and start == 0:
+            self.recalibrate_bn(prompted)
+        for epoch in range(start, epochs):
+            if cfg.head == "ilm":
+                self.compute_label_mapping(prompted=prompted)
+            lrs = [g["lr"] for g in opt.param_groups]  # at the start of the epoch
+            t0 = time.perf_counter()
+            train_metrics = self._train_epoch(stage, epoch, opt, sched, prompted, steps_per_epoch)
+            elapsed = time.perf_counter() - t0
+            self.wall_time += elapsed
+            metrics = self._epoch_metrics(stage, epoch, prompted, train_metrics, elapsed, lrs)
+            self.history.append(metrics)
+            last = epoch == epochs - 1
+            if last:
+                self.completed.append(stage)
+            self._save(stage, epoch + 1, opt, sched)
+            self.reporter(dict(metrics))
+        if epochs == 0:
+            self.completed.append(stage)
+
+    def _steps_per_epoch(self) -> int:
+        n = len(self.data.train) // self.cfg.batch_size or 1
+        return min(n, self.cfg.max_steps_per_epoch or n)
+
+    def _epoch_seed(self, stage: str, epoch: int) -> int:
+        return (self.cfg.seed * 1_000_003 + STAGES.index(stage) * 10_007 + epoch) % 2**62
+
+    def _train_epoch(self, stage: str, epoch: int, opt, sched, prompted: bool,
+                     steps: int) -> dict[str, float]:
+        cfg = self.cfg
+        self.model.train()
+        seed = self._epoch_seed(stage, epoch)
+        order = torch.Generator().manual_seed(seed)
+        augment = torch.Generator(device=self.device).manual_seed(seed)
+        loader = self._loader(self.data.train, train=True, generator=order)
+        # "reference" schedule: each iteration also takes a prompted step on the same images with
+        # the test-time transform, followed by an unprompted step on the augmented batch.
+        two_step = cfg.schedule == "reference" and prompted
+        plain = self._loader(self.data.train_eval, train=True,
+                             generator=torch.Generator().manual_seed(seed)) if two_step else None
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device)
+        seen = 0
+        check_every = 1 if self.device.type == "cpu" else 25
+        batches = zip(loader, plain) if two_step else ((b, None) for b in loader)
+        for step, (batch, plain_batch) in enumerate(batches):
+            if step >= steps:
+                break
+            x, y = self._to_device(*batch)
+            x = random_crop_flip(x, cfg.input_size, augment)
+            if two_step:
+                xp, yp = self._to_device(*plain_batch)
+                self._step(opt, sched, xp, yp, prompted=True, scheduler_step=False)
+                loss, logits = self._step(opt, sched, x, y, prompted=False)
+            else:
+                loss, logits = self._step(opt, sched, x, y, prompted=prompted)
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.argmax(1) == y).sum()
+            seen += len(y)
+            if step % check_every == 0 and not torch.isfinite(loss):
+                raise NonFiniteLossError(f"loss became {loss.item()} at {stage} epoch {epoch} step {step}")
+        if not torch.isfinite(loss_sum):
+            raise NonFiniteLossError(f"loss became non-finite in {stage} epoch {epoch}")
+        return {"train_loss": loss_sum.item() / max(1, seen), "train_acc": correct.item() / max(1, seen),
+                "images": seen}
+
+    def _step(self, opt, sched, x: Tensor, y: Tensor, prompted: bool,
+              scheduler_step: bool = True) -> tuple[Tensor, Tensor]:
+        with self.autocast():
+            logits = self.forward(x, prompted).float()
+            loss = F.cross_entropy(logits, y)
+        opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(opt)
+        self.scaler.update()
+        if scheduler_step:
+            sched.step()
+        self.grad_steps += 1
+        return loss, logits
+
+    def _epoch_metrics(self, stage: str, epoch: int, prompted: bool, train: dict[str, float],
+                       elapsed: float, lrs: list[float]) -> dict[str, Any]:
+        cfg = self.cfg
+        if self.net.mode == "score":
+            self.net.refresh()
+        test_p, test_loss = self.evaluate(self.data.test, prompted=True)
+        test_n, _ = self.evaluate(self.data.test, prompted=False)
+        val_p, _ = self.evaluate(self.data.val, prompted=True) if len(self.data.val) else (math.nan, 0)
+        val_n, _ = self.evaluate(self.data.val, prompted=False) if len(self.data.val) else (math.nan, 0)
+        # Headline accuracy: prompted when this stage trains with the prompt under the paper
+        # schedule; the reference code measures without the prompt.
+        headline_prompted = prompted and cfg.schedule == "paper"
+        report = self.net.sparsity_report() if self.net.mode != "dense" else {
+            "sparsity": 0.0, "sparsity_all_layers": 0.0, "min_layer_density": 1.0}
+        metrics = {
+            "stage": stage,
+            "stage_index": STAGES.index(stage),
+            "stage_epoch": epoch + 1,
+            "epoch": len(self.history) + 1,
+            "train_loss": train["train_loss"],
+            "train_acc": train["train_acc"],
+            "test_loss": test_loss,
+            "test_acc_prompt": test_p,
+            "test_acc_noprompt": test_n,
+            "test_acc": test_p if headline_prompted else test_n,
+            "val_acc_prompt": val_p,
+            "val_acc_noprompt": val_n,
+            "val_acc": val_p if headline_prompted else val_n,
+            "sparsity": report["sparsity"],
+            "sparsity_all_layers": report["sparsity_all_layers"],
+            "min_layer_density": report["min_layer_density"],
+            "lr": lrs[0],
+            "prompt_lr": lrs[-1] if prompted else 0.0,
+            "epoch_time_s": elapsed,
+            "images_per_s": train["images"] / elapsed if elapsed > 0 else 0.0,
+            "grad_steps": self.grad_steps,
+            "wall_time_s": self.wall_time,
+        }
+        if stage == "tune" and (self.best is None or metrics["val_acc"] > self.best["val_acc"]):
+            self.best = {"val_acc": metrics["val_acc"], "epoch": metrics["epoch"],
+                         "test_acc": metrics["test_acc"], "test_acc_prompt": test_p,
+                         "test_acc_noprompt": test_n}
+            self._keep_best()
+        return metrics
+
+    # --- checkpoints ------------------------------------------------------------------------
+
+    def _keep_best(self) -> None:
+        masks = self.net.current_masks() if self.net.mode != "dense" else {}
+        self.best_state = {
+            "model": {k: v.cpu() for k, v in plain_state_dict(self.model, masks).items()},
+            "prompt": {k: v.detach().cpu().clone() for k, v in self.prompt.state_dict().items()},
+            "mapping": self.label_map.mapping.cpu().clone(),
+        }
+
+    def _save(self, stage: str, stage_epoch: int, opt, sched) -> None:
+        atomic_save({
+            "format": "vpns-trial-1",
+            "config": self.cfg.to_dict(),
+            "stage": stage,
+            "stage_epoch": stage_epoch,
+            "completed": list(self.completed),
+            "net_mode": self.net.mode,
+            "model": self.model.state_dict(),
+            "prompt": self.prompt.state_dict(),
+            "label_map": self.label_map.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
+            "history": self.history,
+            "grad_steps": self.grad_steps,
+            "wall_time": self.wall_time,
+            "best": self.best,
+            "best_state": getattr(self, "best_state", None),
+        }, self.workdir / CHECKPOINT)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        if state.get("format") != "vpns-trial-1":
+            raise CheckpointError(f"checkpoint: {self.workdir / CHECKPOINT} is not a vpns trial checkpoint")
+        saved = {k: v for k, v in state["config"].items() if k not in _RUNTIME_FIELDS}
+        current = {k: v for k, v in self.cfg.to_dict().items() if k not in _RUNTIME_FIELDS}
+        if saved != current:
+            diff = sorted(k for k in current if saved.get(k) != current[k])
+            raise CheckpointError(f"checkpoint: {self.workdir / CHECKPOINT} was written with a "
+                                  f"different config (fields {diff}); use another workdir")
+        if state["net_mode"] == "score":
+            self.net.attach_scores()
+        elif state["net_mode"] == "fixed":
+            prefix_masks = {n: state["model"][f"{n}.weight_mask"] for n, _ in self.net.layers}
+            self.net.fix(prefix_masks)
+        self.model.load_state_dict(state["model"])
+        self.prompt.load_state_dict(state["prompt"])
+        self.label_map.load_state_dict(state["label_map"])
+        self.completed = list(state["completed"])
+        self.history = list(state["history"])
+        self.grad_steps = state["grad_steps"]
+        self.wall_time = state["wall_time"]
+        self.best = state["best"]
+        if state["best_state"] is not None:
+            self.best_state = state["best_state"]
+        self.mapping_done = True
+        if state["stage"] in self.completed:
+            set_rng_state(state["rng"])
+        else:
+            self.resume_state = state
+
+    def _load_mask_file(self) -> dict[str, Tensor]:
+        payload = safe_load(self.cfg.mask_file)
+        masks = payload.get("masks", payload) if isinstance(payload, dict) else None
+        names = {n for n, _ in self.net.layers}
+        if not isinstance(masks, dict) or not names <= set(masks):
+            raise CheckpointError(f"mask_file: {self.cfg.mask_file} has no masks for layers "
+                                  f"{sorted(names - set(masks or {}))[:5]} of {self.cfg.model}")
+        return {n: masks[n].bool() for n in names}
+
+    # --- the whole trial --------------------------------------------------------------------
+
+    def run(self) -> TrialResult:
+        self.method.run(self)
+        return self.finish()
+
+    def finish(self) -> TrialResult:
+        """Write masks, per-layer stats, the prompt image and the exported model; summarise."""
+        stats = [dict(name=s.name, numel=s.numel, kept=s.kept, density=s.density, pruned=s.pruned)
+                 for s in self.net.layer_stats()] if self.net.mode != "dense" else []
+        masks = self.net.current_masks() if self.net.mode != "dense" else {}
+        atomic_save({"masks": {k: v.cpu() for k, v in masks.items()}, "model": self.cfg.model,
+                     "sparsity": self.cfg.sparsity}, self.workdir / "masks.pt")
+        (self.workdir / "layer_stats.json").write_text(json.dumps(stats, indent=1))
+        best = getattr(self, "best_state", None)
+        if best is None:
+            self._keep_best()
+            best = self.best_state
+        export = {"state_dict": best["model"], "masks": {k: v.cpu() for k, v in masks.items()},
+                  "model": self.cfg.model, "num_source_classes": self.source.num_source_classes,
+                  "head": self.cfg.head, "label_mapping": best["mapping"],
+                  "num_classes": self.data.num_classes, "prompt": best["prompt"],
+                  "prompt_type": self.cfg.prompt, "input_size": self.cfg.input_size,
+                  "output_size": self.cfg.output_size, "mean": list(self.source.mean),
+                  "std": list(self.source.std)}
+        atomic_save(export, self.workdir / "model_export.pt")
+        final = dict(self.history[-1]) if self.history else {}
+        if self.best is not None:
+            final.update({"selected_epoch": self.best["epoch"], "selected_val_acc": self.best["val_acc"],
+                          "selected_test_acc": self.best["test_acc"],
+                          "selected_test_acc_prompt": self.best["test_acc_prompt"],
+                          "selected_test_acc_noprompt": self.best["test_acc_noprompt"]})
+        mask_stage = [h for h in self.history if h["stage"] == "mask"]
+        if mask_stage:
+            final["mask_stage_test_acc_prompt"] = mask_stage[-1]["test_acc_prompt"]
+            final["mask_stage_test_acc_noprompt"] = mask_stage[-1]["test_acc_noprompt"]
+        final["prompt_tunable"] = self.prompt.tunable_count if self.cfg.effective_vp_stages != "none" else 0
+        return TrialResult(self.cfg, final, list(self.history), stats, self.workdir)
+
+
+_RUNTIME_FIELDS = ("device", "amp", "num_workers", "eval_batch_size", "tags", "data_root", "download")
+
+
+def run_trial(cfg: Config, workdir: str | Path, reporter: Reporter | None = None,
+              resume: bool = True) -> TrialResult:
+    """Run (or resume) one trial in ``workdir``; see :class:`Trial`."""
+    return Trial(cfg, workdir, reporter, resume).run()
