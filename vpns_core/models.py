@@ -7,7 +7,8 @@ pixel space). Names are the explicitly registered factories in :data:`MODELS`
 tests and demos) and every torchvision classification model (``resnet18``, ``vgg16``, ...).
 
 Every checkpoint is read with ``torch.load(..., weights_only=True)``, so a file holding arbitrary
-pickled objects is refused instead of executed.
+pickled objects is refused instead of executed. (For pretrained torchvision weights, torchvision's
+builder then reads the same hub file again with its own loader, only after that check passed.)
 """
 from __future__ import annotations
 
@@ -178,8 +179,8 @@ def _torchvision_model(name: str, pretrained: bool) -> SourceModel:
         torch.hub.load_state_dict_from_url(weights.url, map_location="cpu", progress=False,
                                            check_hash=True, weights_only=True)
     except Exception as err:  # no network, DNS failure, hash mismatch, truncated file, ...
-        raise _torchvision_weights_error(name, weights.url, reason=f"{type(err).__name__}: {err}") \
-            from err
+        reason = f"{type(err).__name__}: {err}"
+        raise _torchvision_weights_error(name, weights.url, reason) from err
     finally:
         socket.setdefaulttimeout(previous_timeout)
     # The builder applies weight-specific settings (inception's transform_input, ViT image size)
@@ -226,7 +227,7 @@ def _unwrap_state_dict(state: Any, path: str) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise ValueError(f"source_checkpoint: {path} is not a state_dict (or a dict holding one "
                          f"under 'state_dict' or 'model')")
-    if state and all(k.startswith("module.") for k in state):  # saved from (Distributed)DataParallel
+    if state and all(k.startswith("module.") for k in state):  # saved from DataParallel / DDP
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
 
@@ -271,7 +272,7 @@ _WEIGHTS_CHECKS["efficientnet_lite0"] = _lite0_weights_path
 
 class TinyResNet(nn.Module):
     """CIFAR-style ResNet: 3x3 stem, one BasicBlock per stage (strides 1, 2, 2), global average
-    pooling and a linear head ``fc``. Input [B, 3, H, W] (any H, W >= 8) -> logits
+    pooling and a linear head ``fc``. Input [B, 3, H, W] (any H, W) -> logits
     [B, num_classes]."""
 
     def __init__(self, num_classes: int = 1000, widths: tuple[int, ...] = (16, 32, 64)) -> None:

@@ -65,6 +65,8 @@ class Trial:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.reporter = reporter or (lambda metrics: None)
         self.device = resolve_device(cfg.device)
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
         self.method = METHODS.get(cfg.method)
         seed_everything(cfg.seed)
 
@@ -494,7 +496,7 @@ class Trial:
         return TrialResult(self.cfg, final, list(self.history), stats, self.workdir)
 
 
-_RUNTIME_FIELDS = ("device", "amp", "num_workers", "eval_batch_size", "tags", "data_root", "download")
+_RUNTIME_FIELDS = ("device", "amp", "num_workers", "num_threads", "eval_batch_size", "tags", "data_root", "download")
 
 
 def run_trial(cfg: Config, workdir: str | Path, reporter: Reporter | None = None,

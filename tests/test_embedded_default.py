@@ -1,0 +1,17 @@
+"""The embedded default (ImageNet EfficientNet-Lite0 -> real Fashion-MNIST) does not collapse at 90%."""
+import pytest
+
+from vpns_core.config import Config
+from vpns_core.train import run_trial
+
+
+@pytest.mark.slow
+def test_default_allocation_survives_90_percent(tmp_path):
+    cfg = Config(sparsity=0.9, train_subset=1024, test_subset=500, mask_epochs=1, tune_epochs=1,
+                 num_threads=2)
+    assert cfg.model == "efficientnet_lite0" and cfg.dataset == "fashion_mnist" and cfg.allocation == "erk"
+    result = run_trial(cfg, tmp_path)
+    final = result.final
+    assert final["sparsity"] == pytest.approx(0.9, abs=1e-4)
+    assert final["test_acc_prompt"] > 0.35, final  # chance is 0.10
+    assert final["min_layer_density"] > 0.01  # no layer pruned to (almost) nothing
