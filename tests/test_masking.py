@@ -142,3 +142,29 @@ def test_plain_state_dict_loads_into_unmasked_copy():
     net.fix()
     plain.load_state_dict(plain_state_dict(model, net.current_masks()))
     assert torch.allclose(plain(x), model(x), atol=1e-6)
+
+
+def test_global_allocation_warns_at_fix_when_a_layer_collapses():
+    model = tiny_net()
+    net = MaskedNetwork(model, 0.9, density_floor=0.05)
+    net.attach_scores()
+    with torch.no_grad():  # make one layer's scores tiny so the global threshold empties it
+        net.layers[1][1].weight_scores.mul_(1e-6)
+    with pytest.warns(UserWarning, match="below density floor"):
+        net.fix()
+    assert "3" in net.warnings[0]
+    net.fix()  # already fixed: no-op
+
+
+def test_score_gradient_goes_through_abs():
+    """dL/ds = dL/dw_eff * w * sign(s): a step against it lowers the loss for either sign."""
+    lin = nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, -2.0, 3.0, -4.0]]))
+    net = MaskedNetwork(lin, 0.0)
+    (scores,) = net.attach_scores()
+    with torch.no_grad():
+        scores.copy_(torch.tensor([[0.5, -0.5, -0.7, 0.9]]))
+    x = torch.ones(1, 4)
+    lin(x).sum().backward()
+    assert torch.allclose(scores.grad, torch.tensor([[1.0, -2.0, 3.0, -4.0]]) * scores.sign())

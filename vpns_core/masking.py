@@ -30,18 +30,23 @@ MODES = ("dense", "score", "fixed")
 
 
 class _MaskedWeight(torch.autograd.Function):
-    """``weight * mask`` whose gradient w.r.t. the scores is passed straight through."""
+    """``weight * 1[|scores| > thr]`` with a straight-through gradient to the scores.
+
+    The top-k acts on ``|scores|`` and its gradient is passed straight through to ``|scores|``
+    (HYDRA's ``GetSubnet`` on ``scores.abs()``), so ``dL/ds = dL/dw_eff * w * sign(s)``.
+    Without the sign, negative scores would climb the loss.
+    """
 
     @staticmethod
     def forward(ctx, weight: Tensor, scores: Tensor, mask: Tensor) -> Tensor:
-        ctx.save_for_backward(weight, mask)
+        ctx.save_for_backward(weight, scores, mask)
         return weight * mask
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        weight, mask = ctx.saved_tensors
+        weight, scores, mask = ctx.saved_tensors
         grad_weight = grad * mask if ctx.needs_input_grad[0] else None
-        grad_scores = grad * weight if ctx.needs_input_grad[1] else None
+        grad_scores = grad * weight * scores.sign() if ctx.needs_input_grad[1] else None
         return grad_weight, grad_scores, None
 
 
@@ -126,32 +131,39 @@ class MaskedNetwork:
         self.mode = "dense"
         self._versions: tuple[int, ...] | None = None
         self._refresh_handle = None
+        self.density_floor = density_floor
         self.keep_counts = self._keep_counts()
-        floor_hits = [n for (n, m), k in zip(self.layers, self.keep_counts)
-                      if k / m.weight.numel() < density_floor]
-        self.warnings = (
-            [f"{len(floor_hits)} layer(s) below density floor {density_floor}: "
-             + ", ".join(floor_hits[:8]) + (" ..." if len(floor_hits) > 8 else "")]
-            if floor_hits else [])
-        for message in self.warnings:
-            warnings.warn(message, stacklevel=2)
+        self.warnings: list[str] = []
+        if allocation != "global":  # global densities are known only once scores exist (fix())
+            self._warn_floor({n: k / m.weight.numel()
+                              for (n, m), k in zip(self.layers, self.keep_counts)})
+
+    def _warn_floor(self, densities: dict[str, float]) -> None:
+        hits = [n for n, d in densities.items() if d < self.density_floor]
+        if hits:
+            message = (f"{len(hits)} layer(s) below density floor {self.density_floor}: "
+                       + ", ".join(hits[:8]) + (" ..." if len(hits) > 8 else ""))
+            self.warnings.append(message)
+            warnings.warn(message, stacklevel=3)
 
     # --- allocation -------------------------------------------------------------------------
 
     @property
     def total(self) -> int:
-        return sum(m.weight.numel() for _, m in self.layers)
+        return sum(_weight_of(m).numel() for _, m in self.layers)
 
-    def _keep_counts(self) -> list[int]:
-        """Target number of kept weights per layer; sums to ``round((1-s)*total)`` for global."""
-        sizes = [m.weight.numel() for _, m in self.layers]
+    def _keep_counts(self, sparsity: float | None = None) -> list[int]:
+        """Target number of kept weights per layer at ``sparsity`` (default: the network's);
+        sums to ``global_keep`` for global allocation."""
+        sparsity = self.sparsity if sparsity is None else sparsity
+        sizes = [_weight_of(m).numel() for _, m in self.layers]
         if self.allocation == "layerwise":
-            return [n - round(self.sparsity * n) for n in sizes]
+            return [n - round(sparsity * n) for n in sizes]
         if self.allocation == "erk":
-            dens = erk_densities([m.weight.shape for _, m in self.layers], 1.0 - self.sparsity)
+            dens = erk_densities([_weight_of(m).shape for _, m in self.layers], 1.0 - sparsity)
             return [min(n, max(1, round(d * n))) for d, n in zip(dens, sizes)]
         # Global: per-layer counts are decided by the scores; this is only the expected share.
-        return [round(self.global_keep * n / self.total) for n in sizes]
+        return [round(self._global_keep(sparsity) * n / self.total) for n in sizes]
 
     # --- modes ------------------------------------------------------------------------------
 
@@ -204,28 +216,42 @@ class MaskedNetwork:
 
     @property
     def global_keep(self) -> int:
-        return self.total - round(self.sparsity * self.total)
+        return self._global_keep(self.sparsity)
+
+    def _global_keep(self, sparsity: float) -> int:
+        return self.total - round(sparsity * self.total)
 
     @torch.no_grad()
     def current_masks(self) -> dict[str, Tensor]:
-        """Boolean masks, exact in count: top-k of |scores| (ties broken by index)."""
+        """Boolean masks, exact in count: top-k of |scores|."""
         if self.mode == "fixed":
             return {n: m.weight_mask.clone() for n, m in self.layers}
         if self.mode != "score":
             raise RuntimeError("no masks in dense mode")
-        scores = [m.weight_scores.detach().abs().flatten() for _, m in self.layers]
+        return self.top_k_masks([m.weight_scores.detach().abs() for _, m in self.layers])
+
+    @torch.no_grad()
+    def top_k_masks(self, importance: list[Tensor], sparsity: float | None = None) -> dict[str, Tensor]:
+        """Masks keeping the largest ``importance`` values (one tensor per layer, the weight's
+        shape; larger = keep) under this network's allocation at ``sparsity`` (default: the
+        network's). Exact in count: ``global_keep`` weights in all, or the allocation's count per
+        layer; ``-inf`` entries are kept only when nothing else is left. Any mode."""
+        sparsity = self.sparsity if sparsity is None else sparsity
+        if len(importance) != len(self.layers):
+            raise ValueError(f"importance: {len(importance)} tensors for {len(self.layers)} layers")
+        flat = [v.detach().flatten() for v in importance]
         if self.allocation == "global":
-            flat = torch.cat(scores)
-            chosen = torch.zeros_like(flat, dtype=torch.bool)
-            chosen[torch.topk(flat, self.global_keep, sorted=False).indices] = True
-            parts = chosen.split([s.numel() for s in scores])
+            allv = torch.cat(flat)
+            chosen = torch.zeros_like(allv, dtype=torch.bool)
+            chosen[torch.topk(allv, self._global_keep(sparsity), sorted=False).indices] = True
+            parts = chosen.split([v.numel() for v in flat])
         else:
             parts = []
-            for s, keep in zip(scores, self.keep_counts):
-                chosen = torch.zeros_like(s, dtype=torch.bool)
-                chosen[torch.topk(s, keep, sorted=False).indices] = True
+            for v, keep in zip(flat, self._keep_counts(sparsity)):
+                chosen = torch.zeros_like(v, dtype=torch.bool)
+                chosen[torch.topk(v, keep, sorted=False).indices] = True
                 parts.append(chosen)
-        return {n: p.view_as(m.weight_scores) for (n, m), p in zip(self.layers, parts)}
+        return {n: p.view(_weight_of(m).shape) for (n, m), p in zip(self.layers, parts)}
 
     def fix(self, masks: dict[str, Tensor] | None = None) -> None:
         """Switch to ``fixed`` mode with ``masks`` (default: binarise the current scores).
@@ -234,7 +260,11 @@ class MaskedNetwork:
         gradient, so they stay exactly zero under SGD/Adam with momentum and weight decay.
         """
         if masks is None:
+            if self.mode == "fixed":
+                return
             masks = self.current_masks()
+            if self.allocation == "global":
+                self._warn_floor({n: float(m.float().mean()) for n, m in masks.items()})
         missing = {n for n, _ in self.layers} - set(masks)
         if missing:
             raise ValueError(f"masks missing for layers: {sorted(missing)[:5]}")
