@@ -30,6 +30,17 @@ from vpns_core.registry import UnknownNameError
     ({"mask_file": "/nonexistent/masks.pt"}, "mask_file", "not found"),
     ({"source_checkpoint": "/nonexistent/model.pt"}, "source_checkpoint", "not found"),
     ({"prompt": "pad", "pad_size": 0}, "pad_size", "none"),
+    ({"post_prompt": "later"}, "post_prompt", "zero_shot"),
+    ({"method": "omp", "post_prompt": "zero_shot", "prompt": "none"}, "post_prompt", "prompt"),
+    ({"method": "vpns", "post_prompt": "fine_tune"}, "post_prompt", "vpns"),
+    ({"lth_rate": 1.0}, "lth_rate", "(0, 1)"),
+    ({"lth_epochs_per_round": -1}, "lth_epochs_per_round", "non-negative"),
+    ({"synflow_iterations": 0}, "synflow_iterations", "positive"),
+    ({"prune_batches": 0}, "prune_batches", "positive"),
+    ({"grasp_temperature": 0}, "grasp_temperature", "positive"),
+    ({"bip_optimizer": "rmsprop"}, "bip_optimizer", "adam"),
+    ({"bip_weight_lr": -1.0}, "bip_weight_lr", "positive"),
+    ({"bip_implicit_lr": -1.0}, "bip_implicit_lr", "non-negative"),
 ])
 def test_bad_values_name_field_and_allowed(changes, field, hint):
     with pytest.raises(ConfigError) as err:
@@ -62,3 +73,11 @@ def test_missing_data_and_weights_fail_before_compute(tmp_path, monkeypatch):
 
 def test_unknown_name_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError) and issubclass(UnknownNameError, ValueError)
+
+
+def test_stage_plan_and_total_epochs_follow_the_method():
+    assert Config(method="vpns", mask_epochs=3, tune_epochs=2).stage_plan == [("mask", 3), ("tune", 2)]
+    assert Config(method="omp", tune_epochs=2).total_epochs == 2
+    lth = Config(method="lth", sparsity=0.5, lth_epochs_per_round=1, tune_epochs=2)
+    assert [n for n, _ in lth.stage_plan] == ["round0", "round1", "round2", "round3", "tune"]
+    assert lth.total_epochs == 4 + 2

@@ -14,7 +14,8 @@ from vpns_core.train import CHECKPOINT, NonFiniteLossError, Trial, run_trial
 TINY = dict(model="tiny_resnet", pretrained=False, dataset="fashion_mnist", train_subset=128,
             test_subset=64, val_fraction=0.25, input_size=24, output_size=32, pad_size=4,
             batch_size=32, eval_batch_size=64, mask_epochs=1, tune_epochs=1, sparsity=0.8,
-            label_mapping_samples=64, mask_lr=0.05, tune_lr=0.05)
+            label_mapping_samples=64, mask_lr=0.05, tune_lr=0.05, synflow_iterations=5, lth_rate=0.6,
+            num_threads=1)
 
 
 def tiny(**changes):
@@ -25,8 +26,10 @@ def tiny(**changes):
 def test_every_method_runs_and_reports(method, tmp_path):
     seen = []
     result = run_trial(tiny(method=method), tmp_path, reporter=seen.append)
+    cfg = tiny(method=method)
     stages = [m["stage"] for m in seen]
-    assert stages == (["tune"] if method == "dense" else ["mask", "tune"])
+    assert stages == [name for name, epochs in cfg.stage_plan for _ in range(epochs)]
+    assert len(seen) == cfg.total_epochs
     assert [m["epoch"] for m in seen] == list(range(1, len(seen) + 1))
     for m in seen:
         for key in ("train_loss", "test_acc_prompt", "test_acc_noprompt", "sparsity", "lr",
@@ -37,7 +40,8 @@ def test_every_method_runs_and_reports(method, tmp_path):
     assert seen[-1]["sparsity"] == pytest.approx(expected, abs=1e-4)
     assert result.final["selected_epoch"] >= 1
     assert (tmp_path / "model_export.pt").is_file() and (tmp_path / "masks.pt").is_file()
-    assert seen[-1]["grad_steps"] == 4 * len(seen)  # 128 images / 32 per batch per epoch
+    bilevel_epochs = sum(m["stage"] == "mask" for m in seen) if method == "bip" else 0  # 2 steps each
+    assert seen[-1]["grad_steps"] == 4 * (len(seen) + bilevel_epochs)  # 128 images / 32 per batch per epoch
 
 
 def test_hydra_means_no_prompt_and_prompt_is_trained_in_vpns(tmp_path):
@@ -164,3 +168,23 @@ def test_cli_runs_one_trial(tmp_path, capsys):
     assert '"selected_test_acc"' in out and (tmp_path / CHECKPOINT).is_file()
     assert main(["--sparsity", "1.5"]) == 2
     assert "sparsity:" in capsys.readouterr().err
+
+
+def test_export_loads_into_plain_torchvision_model(tmp_path):
+    import torchvision
+    cfg = tiny(model="resnet18", pretrained=False, mask_epochs=1, tune_epochs=1, max_steps_per_epoch=1,
+               train_subset=64, num_threads=2)
+    trial = Trial(cfg, tmp_path)
+    trial.run()
+    export = torch.load(tmp_path / "model_export.pt", weights_only=True)
+    plain = torchvision.models.resnet18(num_classes=export["num_source_classes"])
+    plain.load_state_dict(export["state_dict"])  # strict: same keys as torchvision's own
+    plain.eval()
+    trial.model.eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(plain(x), trial.model(x), atol=1e-5)
+    fc_mask = export["masks"].get("fc")
+    assert fc_mask is None  # the head is excluded from pruning by default
+    conv_mask = export["masks"]["layer1.0.conv1"]
+    assert torch.all(plain.layer1[0].conv1.weight[~conv_mask] == 0)

@@ -54,7 +54,17 @@ class Config:
     prune_first: bool = True
     prune_head: bool = False
     density_floor: float = 0.01
-    mask_file: str | None = None        # transfer: start stage 2 from these masks (skips stage 1)
+    mask_file: str | None = None        # transfer: fine-tune these masks instead of pruning (any method)
+    post_prompt: str = "none"           # pilot study, plain pruners: none | zero_shot | fine_tune
+    # --- baselines (vpns_core/methods/) -----------------------------------------------------
+    prune_batches: int = 1              # SNIP / GraSP: training batches scored at the pretrained weights
+    grasp_temperature: float = 200.0    # GraSP: logits / T (their code's 200)
+    synflow_iterations: int = 100       # SynFlow: rounds of the exponential schedule
+    lth_rate: float = 0.2               # LTH: fraction of the remaining weights pruned per round
+    lth_epochs_per_round: int | None = None  # LTH: epochs per round; None = tune_epochs
+    bip_optimizer: str = "adam"         # BiP scores: adam (VPNs paper) | sgd (BiP code, mask_lr 0.1)
+    bip_weight_lr: float | None = None  # BiP lower-level SGD step size; None = tune_lr
+    bip_implicit_lr: float = 1e-4       # BiP lr2 = 1/γ of the implicit gradient
     # --- stage 1: mask finding (scores + prompt, Adam, cosine) ------------------------------
     mask_epochs: int = 2
     mask_lr: float = 0.01
@@ -112,6 +122,20 @@ class Config:
         return self.prompt != "none" and self.effective_vp_stages in ("both", "tune")
 
     @property
+    def stage_plan(self) -> list[tuple[str, int]]:
+        """The training stages this trial runs, in order, with their epochs (a transfer trial
+        only fine-tunes)."""
+        if self.mask_file is not None:
+            return [("tune", self.tune_epochs)]
+        from .methods import METHODS
+        return METHODS.get(self.method).stages(self)
+
+    @property
+    def total_epochs(self) -> int:
+        """Epoch rows the trial reports (``max_t`` for an ASHA scheduler on ``epoch``)."""
+        return sum(epochs for _, epochs in self.stage_plan)
+
+    @property
     def resolved_prompt_size(self) -> int:
         from .prompts import equal_param_prompt_size
         return self.prompt_size or equal_param_prompt_size(self.output_size, self.pad_size)
@@ -120,7 +144,7 @@ class Config:
 
     def _validate(self) -> None:
         from .data import DATASETS
-        from .methods import METHODS
+        from .methods import METHODS, POST_PROMPTS
         from .models import model_names
         from .prompts import PROMPTS
         from .masking import ALLOCATIONS
@@ -135,24 +159,30 @@ class Config:
         for name, kind in (("train_subset", int), ("test_subset", int), ("prompt_size", int),
                            ("input_size", int), ("output_size", int), ("batch_size", int),
                            ("eval_batch_size", int), ("label_mapping_samples", int),
-                           ("max_steps_per_epoch", int), ("num_threads", int)):
+                           ("max_steps_per_epoch", int), ("num_threads", int),
+                           ("prune_batches", int), ("synflow_iterations", int)):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 fail(name, "must be a positive integer")
         for name in ("pad_size", "mask_epochs", "tune_epochs", "num_workers",
-                     "bn_recalibrate_batches", "seed", "data_seed"):
+                     "bn_recalibrate_batches", "seed", "data_seed", "lth_epochs_per_round"):
             value = getattr(self, name)
+            if name == "lth_epochs_per_round" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 fail(name, "must be a non-negative integer")
-        for name in ("mask_lr", "tune_lr", "mask_prompt_lr", "tune_prompt_lr"):
+        for name in ("mask_lr", "tune_lr", "mask_prompt_lr", "tune_prompt_lr", "bip_weight_lr",
+                     "grasp_temperature"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and value > 0):
                 fail(name, "must be a positive number")
-        for name in ("weight_decay", "momentum"):
+        for name in ("weight_decay", "momentum", "bip_implicit_lr"):
             if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) >= 0):
                 fail(name, "must be a non-negative number")
         if not (isinstance(self.sparsity, (int, float)) and 0.0 <= self.sparsity < 1.0):
             fail("sparsity", "must be in [0, 1)")
+        if not (isinstance(self.lth_rate, (int, float)) and 0.0 < self.lth_rate < 1.0):
+            fail("lth_rate", "must be in (0, 1)")
         if not 0.0 <= self.val_fraction < 1.0:
             fail("val_fraction", "must be in [0, 1)")
         if not 0.0 <= self.density_floor < 1.0:
@@ -166,6 +196,8 @@ class Config:
         choice("allocation", ALLOCATIONS)
         choice("prompt", PROMPTS.names())
         choice("method", METHODS.names())
+        choice("post_prompt", POST_PROMPTS)
+        choice("bip_optimizer", ("adam", "sgd"))
         choice("dataset", DATASETS.names())
         if self.model not in model_names():
             fail("model", "unknown model; choose from efficientnet_lite0, tiny_resnet or any "

@@ -1,14 +1,22 @@
 """The one training loop of vpns: a :class:`Trial` runs a method's stages and reports metrics.
 
 ``run_trial(cfg, workdir, reporter)`` builds data, model, prompt and label mapping, lets the
-method (``cfg.method``) call ``run_stage`` for each stage, checkpoints atomically after every
-epoch and resumes from that checkpoint exactly (model, masks, prompt, optimizer, scheduler, RNG).
-Metrics go to ``reporter(metrics)`` once per epoch; nothing is printed.
+method (``cfg.method``) call ``run_stage`` for each stage (and ``run_once`` for untrained steps
+such as scoring a mask), checkpoints atomically after every epoch and resumes from that
+checkpoint exactly (model, masks, prompt, optimizer, scheduler, RNG). Metrics go to
+``reporter(metrics)`` once per epoch; nothing is printed.
+
+Cost accounting (cumulative in every row): ``wall_time_s`` (training epochs plus untrained steps
+such as SNIP/GraSP/SynFlow scoring or LTH pruning; evaluation excluded), ``epoch``,
+``grad_steps`` (parameter updates), ``forward_passes`` / ``backward_passes`` (mini-batch passes
+of training and of scoring, SynFlow's batch-1 passes included; evaluation, label mapping and
+BatchNorm recalibration excluded, being the same for every method).
 """
 from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -31,8 +39,22 @@ from .models import SourceModel, build_model, first_layer, head_layer, replace_h
 from .prompts import Prompt, build_prompt
 
 Reporter = Callable[[dict[str, Any]], None]
+#: a custom training step ``step(x, y, prompted, optimizer) -> (loss, logits)`` that sets the
+#: ``.grad`` of the stage optimiser's parameters (and may update others, e.g. BiP's lower level)
+StepFn = Callable[[Tensor, Tensor, bool, torch.optim.Optimizer], tuple[Tensor, Tensor]]
 STAGES = ("mask", "tune")
 CHECKPOINT = "checkpoint.pt"
+
+
+def stage_index(stage: str) -> int:
+    """Stable integer id of a stage name (seeds its epochs' shuffling, reported as
+    ``stage_index``): ``mask`` 0, ``tune`` 1, LTH's ``round{k}`` 2 + k."""
+    if stage in STAGES:
+        return STAGES.index(stage)
+    match = re.fullmatch(r"round(\d+)", stage)
+    if match is None:
+        raise ValueError(f"stage: unknown stage name {stage!r}; use {', '.join(STAGES)} or round<k>")
+    return len(STAGES) + int(match.group(1))
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -94,6 +116,9 @@ class Trial:
         self.model.to(self.device)
         self.prompt.to(self.device)
         self.label_map.to(self.device)
+        # Weight rewinding (LTH) needs the state the trial started from (pretrained, new head init).
+        self.pretrained_state = ({k: v.detach().clone() for k, v in self.model.state_dict().items()}
+                                 if self.method.rewinds else None)
 
         exclude = []
         if not cfg.prune_head:
@@ -113,7 +138,10 @@ class Trial:
         self.history: list[dict[str, Any]] = []
         self.completed: list[str] = []
         self.grad_steps = 0
+        self.forward_passes = 0
+        self.backward_passes = 0
         self.wall_time = 0.0
+        self._stage_step: StepFn | None = None
         self.best: dict[str, Any] | None = None
         self.mapping_done = False
         self.resume_state: dict[str, Any] | None = None
@@ -213,21 +241,69 @@ class Trial:
     def stage_pending(self, stage: str) -> bool:
         return stage not in self.completed
 
-    def run_tune_stage(self) -> None:
-        """Stage 2: weights (all model parameters) and, if enabled, the prompt with SGD."""
-        cfg = self.cfg
-        if not self.stage_pending("tune"):
+    def run_once(self, name: str, fn: Callable[[], None]) -> None:
+        """Run an untrained step (e.g. scoring and fixing a mask) unless already done; its time
+        counts into ``wall_time_s`` and it is recorded as completed, so a trial resumed from a
+        later checkpoint skips it (one interrupted before that checkpoint redoes it)."""
+        if not self.stage_pending(name):
             return
-        weights = list(self.model.parameters())
-        groups = [{"params": weights, "lr": cfg.tune_lr}]
-        prompted = cfg.prompt_in_tune_stage
+        t0 = time.perf_counter()
+        fn()
+        self.wall_time += time.perf_counter() - t0
+        self.completed.append(name)
+
+    def count_passes(self, forward: int = 0, backward: int = 0) -> None:
+        """Add mini-batch forward/backward passes done outside the standard step (scoring, BiP)."""
+        self.forward_passes += forward
+        self.backward_passes += backward
+
+    def scoring_batches(self, n: int) -> list[tuple[Tensor, Tensor]]:
+        """The first ``n`` shuffled training batches (test-time transform) on the device, drawn
+        from ``cfg.seed`` alone: the data of SNIP/GraSP-style scores."""
+        batches: list[tuple[Tensor, Tensor]] = []
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        for x, y in self._loader(self.data.train_eval, train=True, generator=gen):
+            if len(batches) == n:
+                break
+            batches.append(self._to_device(x, y))
+        return batches
+
+    @torch.no_grad()
+    def rewind(self) -> None:
+        """Reset every parameter and buffer to its value at the start of the trial (pretrained
+        weights, a new head's init), keeping the masks; needs ``method.rewinds``."""
+        if self.pretrained_state is None:
+            raise RuntimeError(f"rewind: method '{self.cfg.method}' keeps no pretrained copy")
+        missing, unexpected = self.model.load_state_dict(self.pretrained_state, strict=False)
+        if unexpected or any(not k.endswith("weight_mask") for k in missing):
+            raise RuntimeError(f"rewind: model keys changed (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+    def run_tune_stage(self, stage: str = "tune", *, epochs: int | None = None,
+                       prompted: bool | None = None, train_weights: bool | None = None,
+                       extra_metrics: dict[str, Any] | None = None) -> None:
+        """Weights (all model parameters) and, if prompted, the prompt with SGD + cosine.
+
+        Defaults are those of stage 2: ``cfg.tune_epochs``, ``cfg.prompt_in_tune_stage``, and the
+        weights frozen when ``cfg.post_prompt == "zero_shot"`` (then only the prompt, and a new
+        linear head, learn). LTH's rounds call it with their own stage name and settings.
+        """
+        cfg = self.cfg
+        if not self.stage_pending(stage):
+            return
+        epochs = cfg.tune_epochs if epochs is None else epochs
+        prompted = cfg.prompt_in_tune_stage if prompted is None else prompted
+        if train_weights is None:
+            train_weights = not (stage == "tune" and cfg.post_prompt == "zero_shot")
+        groups = ([{"params": list(self.model.parameters()), "lr": cfg.tune_lr}] if train_weights
+                  else self.head_groups(cfg.tune_lr))
         if prompted:
             groups.append({"params": self.prompt_params(), "lr": cfg.tune_prompt_lr or cfg.tune_lr})
         if cfg.prompt_in_mask_stage and not prompted:
             with torch.no_grad():  # "VP only in mask finding": the prompt is dropped here
                 for p in self.prompt_params():
                     p.zero_()
-        self.run_stage("tune", groups, optimizer="sgd", epochs=cfg.tune_epochs, prompted=prompted)
+        self.run_stage(stage, groups, optimizer="sgd", epochs=epochs, prompted=prompted,
+                       recalibrate=True, extra_metrics=extra_metrics)
 
     def _optimizer(self, kind: str, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
         cfg = self.cfg
@@ -239,8 +315,15 @@ class Trial:
         return torch.optim.SGD(groups, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
     def run_stage(self, stage: str, groups: list[dict[str, Any]], *, optimizer: str, epochs: int,
-                  prompted: bool) -> None:
-        """Train ``groups`` for ``epochs`` with cosine decay; checkpoint and report every epoch."""
+                  prompted: bool, recalibrate: bool = False, step: StepFn | None = None,
+                  extra_metrics: dict[str, Any] | None = None) -> None:
+        """Train ``groups`` for ``epochs`` with cosine decay; checkpoint and report every epoch.
+
+        ``stage`` names a stage (see :func:`stage_index`); ``recalibrate`` re-estimates BatchNorm
+        statistics before its first epoch (``cfg.bn_recalibrate_batches``); ``step`` replaces the
+        plain loss-backward step (BiP's bi-level iteration); ``extra_metrics`` are added to each
+        of its epoch rows (LTH's ``round``).
+        """
         cfg = self.cfg
         trainable = {id(p) for g in groups for p in g["params"]}
         for p in list(self.model.parameters()) + self.prompt_params():
@@ -260,8 +343,9 @@ class Trial:
         elif not self.mapping_done:
             self.compute_label_mapping(prompted=False)  # after the threshold is set, zero prompt
             self.mapping_done = True
-        if stage == "tune" and start == 0:
+        if recalibrate and start == 0:
             self.recalibrate_bn(prompted)
+        self._stage_step = step
         for epoch in range(start, epochs):
             if cfg.head == "ilm":
                 self.compute_label_mapping(prompted=prompted)
@@ -271,12 +355,14 @@ class Trial:
             elapsed = time.perf_counter() - t0
             self.wall_time += elapsed
             metrics = self._epoch_metrics(stage, epoch, prompted, train_metrics, elapsed, lrs)
+            metrics.update(extra_metrics or {})
             self.history.append(metrics)
             last = epoch == epochs - 1
             if last:
                 self.completed.append(stage)
             self._save(stage, epoch + 1, opt, sched)
             self.reporter(dict(metrics))
+        self._stage_step = None
         if epochs == 0:
             self.completed.append(stage)
 
@@ -285,7 +371,7 @@ class Trial:
         return min(n, self.cfg.max_steps_per_epoch or n)
 
     def _epoch_seed(self, stage: str, epoch: int) -> int:
-        return (self.cfg.seed * 1_000_003 + STAGES.index(stage) * 10_007 + epoch) % 2**62
+        return (self.cfg.seed * 1_000_003 + stage_index(stage) * 10_007 + epoch) % 2**62
 
     def _train_epoch(self, stage: str, epoch: int, opt, sched, prompted: bool,
                      steps: int) -> dict[str, float]:
@@ -328,13 +414,19 @@ class Trial:
 
     def _step(self, opt, sched, x: Tensor, y: Tensor, prompted: bool,
               scheduler_step: bool = True) -> tuple[Tensor, Tensor]:
-        with self.autocast():
-            logits = self.forward(x, prompted).float()
-            loss = F.cross_entropy(logits, y)
-        opt.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(opt)
-        self.scaler.update()
+        if self._stage_step is not None:  # e.g. BiP: sets the grads, we apply the update
+            opt.zero_grad(set_to_none=True)
+            loss, logits = self._stage_step(x, y, prompted, opt)
+            opt.step()
+        else:
+            with self.autocast():
+                logits = self.forward(x, prompted).float()
+                loss = F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(opt)
+            self.scaler.update()
+            self.count_passes(forward=1, backward=1)
         if scheduler_step:
             sched.step()
         self.grad_steps += 1
@@ -356,7 +448,7 @@ class Trial:
             "sparsity": 0.0, "sparsity_all_layers": 0.0, "min_layer_density": 1.0}
         metrics = {
             "stage": stage,
-            "stage_index": STAGES.index(stage),
+            "stage_index": stage_index(stage),
             "stage_epoch": epoch + 1,
             "epoch": len(self.history) + 1,
             "train_loss": train["train_loss"],
@@ -376,6 +468,8 @@ class Trial:
             "epoch_time_s": elapsed,
             "images_per_s": train["images"] / elapsed if elapsed > 0 else 0.0,
             "grad_steps": self.grad_steps,
+            "forward_passes": self.forward_passes,
+            "backward_passes": self.backward_passes,
             "wall_time_s": self.wall_time,
         }
         if stage == "tune" and (self.best is None or metrics["val_acc"] > self.best["val_acc"]):
@@ -412,6 +506,8 @@ class Trial:
             "rng": rng_state(),
             "history": self.history,
             "grad_steps": self.grad_steps,
+            "forward_passes": self.forward_passes,
+            "backward_passes": self.backward_passes,
             "wall_time": self.wall_time,
             "best": self.best,
             "best_state": getattr(self, "best_state", None),
@@ -437,6 +533,8 @@ class Trial:
         self.completed = list(state["completed"])
         self.history = list(state["history"])
         self.grad_steps = state["grad_steps"]
+        self.forward_passes = state.get("forward_passes", 0)
+        self.backward_passes = state.get("backward_passes", 0)
         self.wall_time = state["wall_time"]
         self.best = state["best"]
         if state["best_state"] is not None:
@@ -459,7 +557,11 @@ class Trial:
     # --- the whole trial --------------------------------------------------------------------
 
     def run(self) -> TrialResult:
-        self.method.run(self)
+        """The method's stages, or for ``cfg.mask_file`` (transfer) its fine-tuning of that mask."""
+        if self.mask_file_masks is not None:
+            self.method.transfer(self)
+        else:
+            self.method.run(self)
         return self.finish()
 
     def finish(self) -> TrialResult:

@@ -1,0 +1,24 @@
+"""Pad-size ablation: test accuracy against the width of the pad prompt at a fixed input size
+(``sweeps/ablation_pad.py``); "none" (0 px) is the same pruning without any prompt."""
+from __future__ import annotations
+
+from .plotting import Figure, accuracy_figure, ordered
+from .runs import Runs
+
+NAME = "pad_size"
+TITLE = "Pad-size ablation"
+
+
+def applicable(runs: Runs) -> bool:
+    return runs.varies("config.pad_size")
+
+
+def build(runs: Runs) -> Figure:
+    trials = runs.trials.copy()
+    trials["pad_px"] = trials["config.pad_size"].where(trials["config.prompt"] != "none", 0).astype(int)
+    frames = ", ".join(f"{i} px image in a {o} px frame" for i, o in
+                       ordered(zip(trials["config.input_size"], trials["config.output_size"])))
+    return accuracy_figure(runs, trials, name=NAME, title=TITLE, x="pad_px",
+                           xlabel="pad width (px per side)",
+                           tick_label=lambda v: "none" if v == 0 else f"{v}",
+                           setting=f"Input size fixed: {frames}; pad 'none' = no prompt.")

@@ -1,0 +1,85 @@
+"""Method × sparsity curves per dataset, with dense fine-tuning as a reference line
+(``sweeps/sparsity_curves.py``: phase ``pruned`` and phase ``dense``)."""
+from __future__ import annotations
+
+import pandas as pd
+
+from .plotting import (ACCURACY, ACCURACY_NOTE, DATASET_NAMES, Figure, context, draw, marker_note,
+                       fmt, metric_panels, noise_note, status_note)
+from .runs import Runs, aggregate
+
+NAME = "sparsity_curves"
+TITLE = "Accuracy against sparsity per method"
+METHOD_ORDER = ("vpns", "hydra", "bip", "random", "omp", "lth", "snip", "grasp", "synflow",
+                "vpns_random", "vpns_omp", "vpns_lth", "dense")
+METHOD_NAMES = {"vpns": "VPNs", "hydra": "HYDRA", "bip": "BiP", "random": "Random", "omp": "OMP",
+                "lth": "LTH", "snip": "SNIP", "grasp": "GraSP", "synflow": "SynFlow",
+                "vpns_random": "VPNs w. Random", "vpns_omp": "VPNs w. OMP",
+                "vpns_lth": "VPNs w. LTH", "dense": "dense"}
+STEMS = ("test_prompt_pct", "test_noprompt_pct", "mask_prompt_pct", "mask_noprompt_pct")
+
+
+def method_name(method: str) -> str:
+    return METHOD_NAMES.get(method, method)
+
+
+def applicable(runs: Runs) -> bool:
+    pruned = runs.trials[runs.trials["config.method"] != "dense"]
+    return pruned["config.sparsity"].nunique() > 1 or (
+        runs.varies("config.method") and runs.varies("config.sparsity"))
+
+
+def split(runs: Runs) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(pruned trials, dense trials)."""
+    trials = runs.trials
+    dense = trials["config.method"] == "dense"
+    return trials[~dense], trials[dense]
+
+
+def dense_refs(dense: pd.DataFrame, metrics: dict, rows: bool) -> tuple[pd.DataFrame, dict]:
+    """Dense fine-tuning aggregated per dataset, and the reference lines it draws."""
+    if dense.empty:
+        return pd.DataFrame(), {}
+    table = aggregate(dense, ["config.dataset"], metrics)
+    refs = {}
+    for _, row in table.iterrows():
+        for stem in metrics:
+            refs[(row["config.dataset"] if rows else None, stem)] = (
+                row[f"{stem}_mean"], row[f"{stem}_std"], "dense fine-tuning (line: mean, band: ± std)")
+    table.insert(1, "config.method", "dense")
+    return table, refs
+
+
+def build(runs: Runs) -> Figure:
+    pruned, dense = split(runs)
+    by_dataset = pruned["config.dataset"].nunique() > 1
+    table = aggregate(pruned, ["config.dataset", "config.method", "config.sparsity"], ACCURACY)
+    table["sparsity_pct"] = 100 * table["config.sparsity"]
+    dense_table, refs = dense_refs(dense, ACCURACY, by_dataset)
+
+    def label(row) -> str:
+        return method_name(row["config.method"])
+    notes = []
+    for (dataset, level), group in table.groupby(["config.dataset", "config.sparsity"]):
+        for stem, what in (("test_prompt_pct", "with prompt"), ("test_noprompt_pct", "without prompt")):
+            note = noise_note(group, stem, label, f"{DATASET_NAMES.get(dataset, dataset)} at "
+                                                  f"{100 * level:g}% sparsity, {what}")
+            if note:
+                notes.append(note)
+    dense_text = "; ".join(
+        f"{DATASET_NAMES.get(r['config.dataset'], r['config.dataset'])}: with prompt "
+        f"{fmt(r['test_prompt_pct_mean'], r['test_prompt_pct_std'])}, without "
+        f"{fmt(r['test_noprompt_pct_mean'], r['test_noprompt_pct_std'])}"
+        for _, r in dense_table.iterrows()) if len(dense_table) else "not run"
+    both = pd.concat([table, dense_table], ignore_index=True) if len(dense_table) else table
+    caption = [f"{context(runs, runs.trials, sparsity=False)}.", ACCURACY_NOTE,
+               f"Dense fine-tuning (dotted line, ± std band): {dense_text}.", *notes,
+               status_note(both, lambda r: f"{label(r)}" + (
+                   f" at {100 * r['config.sparsity']:g}%" if r["config.method"] != "dense" else "")),
+               *marker_note(both)]
+    fig = draw(table, x="sparsity_pct", panels=metric_panels(table, STEMS), xlabel="sparsity (%)",
+               title=f"{TITLE}\n{context(runs, runs.trials, sparsity=False)}", caption=caption,
+               series="config.method", series_order=METHOD_ORDER, series_label=method_name,
+               rows="config.dataset" if by_dataset else None,
+               row_label=lambda d: DATASET_NAMES.get(d, d), refs=refs, tick_label=lambda v: f"{v:g}")
+    return Figure(NAME, TITLE, fig, both, caption)

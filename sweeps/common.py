@@ -1,0 +1,880 @@
+"""Shared machinery of the sweep scripts: flags, the Tune trainable, MLflow logging, Tuner
+start/restore, the Parquet export and the result table.
+
+A sweep script is short: it names its search-space module(s) and calls :func:`run_sweep` with a
+``plan(sweep)`` that runs one or more phases (``sweep.run_phase(name, base, space)``). Everything
+else — Ray, Optuna/ASHA, MLflow, ``--resume``, the export and the analysis hook — lives here, so
+the same script runs on a laptop and, with ``--address auto``, on a ``ray up`` cluster.
+
+Layout of one sweep (``--storage-path`` defaults to ``results/sweeps``)::
+
+    <storage>/<script>-<preset>-<time>/sweep.json         the flags that define the sweep
+    <storage>/<script>-<preset>-<time>/<phase>/           one Tune experiment per phase
+    <storage>/<script>-<preset>-<time>/trials.parquet     one row per trial
+    <storage>/<script>-<preset>-<time>/epochs.parquet     one row per trial and epoch
+    <storage>/<script>-<preset>-<time>/<script>_table.csv the printed result table
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import csv
+import itertools
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search.sample import Domain
+
+import search_spaces
+from search_spaces import base as base_presets, learning_rates
+from vpns_core.config import Config, ConfigError
+from vpns_core.registry import UnknownNameError
+
+PROJECT = Path(__file__).resolve().parents[1]
+RESULTS = Path(os.environ.get("VPNS_RESULTS", PROJECT / "results")).resolve()
+METRIC, MODE = "val_acc", "max"  # never the test set: Optuna and ASHA select on validation
+TABLE_METRICS = ("selected_test_acc", "selected_test_acc_noprompt", "mask_stage_test_acc_prompt",
+                 "mask_stage_test_acc_noprompt")
+CHECKPOINT = "checkpoint.pt"
+FINAL = "final.json"
+# Flags that define a sweep: ``--resume`` takes them from sweep.json, not from the command line.
+DEFINING = ("preset", "search", "scheduler", "num_samples", "seeds", "set", "data_root",
+            "grace_period", "reduction_factor", "optuna_seed", "metric", "mode", "tracking_uri",
+            "log_model")
+
+
+# --- flags -----------------------------------------------------------------------------------
+
+
+def build_parser(script: str, doc: str | None, search: str, scheduler: str,
+                 num_samples: int) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"python sweeps/{script}.py", description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = p.add_argument
+    add("--preset", choices=search_spaces.PRESETS, default="default",
+        help="paper: ImageNet ResNet-18 on CIFAR-100 at 224 px (a GPU cluster); default: the "
+             "embedded Lite0 -> Fashion-MNIST task sized for a CPU; tiny: seconds per trial")
+    add("--search", choices=("grid", "optuna"), default=search,
+        help=f"grid: every point of the space (the paper figure); optuna: seeded TPE over the "
+             f"space plus both learning rates (default: {search})")
+    add("--scheduler", choices=("asha", "fifo"), default=scheduler,
+        help=f"asha stops weak trials early at epochs grace*rf^k (default: {scheduler})")
+    add("--num-samples", type=int, default=None,
+        help=f"Optuna trials (default {num_samples}); under --search grid, repeats of the grid (default 1)")
+    add("--max-concurrent", type=int, default=None, help="trials at once (default: as resources allow)")
+    add("--seeds", type=int, nargs="+", default=None,
+        help="seeds (a grid axis under --search grid; Optuna uses the first); default: the preset's")
+    add("--address", default=None, help="Ray cluster to join ('auto' on a ray up head node); "
+                                        "default: start a local Ray without dashboard")
+    add("--storage-path", default=os.environ.get("VPNS_STORAGE", str(RESULTS / "sweeps")),
+        help="where Tune keeps experiments and checkpoints: a folder every node sees on a "
+             "cluster (default $VPNS_STORAGE or results/sweeps)")
+    add("--tracking-uri", default=f"sqlite:///{RESULTS / 'mlflow.db'}",
+        help="MLflow tracking store (http://host:5000 for a shared server)")
+    add("--resume", nargs="?", const="latest", default=None, metavar="NAME",
+        help="continue an interrupted sweep (NAME, or the latest one of this script and preset); "
+             "finished trials are not re-run")
+    add("--name", default=None, help="sweep name (default <script>-<preset>-<time>)")
+    add("--cpus-per-trial", type=float, default=float(os.environ.get("VPNS_CPUS_PER_TRIAL", 1)),
+        help="CPUs per trial, fractions allowed (default $VPNS_CPUS_PER_TRIAL or 1)")
+    add("--gpus-per-trial", type=float, default=float(os.environ.get("VPNS_GPUS_PER_TRIAL", 0)),
+        help="GPUs per trial, fractions allowed (default $VPNS_GPUS_PER_TRIAL or 0)")
+    add("--max-failures", type=int, default=1, help="retries of a trial that raises before it is marked failed")
+    add("--retry-failed", action="store_true", help="with --resume: run failed trials again from scratch")
+    add("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped")
+    add("--reduction-factor", type=float, default=2.0, help="ASHA: keep 1/rf of the trials at each rung")
+    add("--optuna-seed", type=int, default=0, help="seed of the TPE sampler")
+    add("--metric", default=METRIC, help="per-epoch metric Optuna and ASHA optimise (never a test metric)")
+    add("--mode", choices=("max", "min"), default=MODE, help="maximise or minimise --metric")
+    add("--log-model", action="store_true", help="log the exported sparse model to MLflow")
+    add("--data-root", default=None, help="datasets folder all workers can see (paper datasets)")
+    add("--set", action="append", default=[], metavar="FIELD=VALUE",
+        help="override a fixed config field, e.g. --set train_subset=500 (repeatable)")
+    return p
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["a=1", "b=none", "c=pad"]`` -> ``{"a": 1, "b": None, "c": "pad"}`` (Python literals)."""
+    names = {f.name for f in fields(Config)}
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or key not in names:
+            raise SystemExit(f"--set {item}: expected FIELD=VALUE with FIELD a Config field")
+        if text.lower() in ("none", "null"):
+            out[key] = None
+            continue
+        try:
+            out[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            out[key] = text
+    return out
+
+
+# --- configs and points ----------------------------------------------------------------------
+
+
+def resolve(config: dict[str, Any], points: dict[str, dict] | None) -> dict[str, Any]:
+    """A Tune config -> Config values: named-point axes (``{"pad": "none"}``) are replaced by
+    the fields of their point (``prompt='none', pad_size=0``)."""
+    values = dict(config)
+    for axis, table in (points or {}).items():
+        if axis in values:
+            values.update(table[values.pop(axis)])
+    return values
+
+
+def driver_config(values: dict[str, Any]) -> Config:
+    """``values`` validated in the driver. The device is checked where the trial runs: a CPU
+    head node drives GPU trials."""
+    return Config.from_dict({**values, "device": "auto"})
+
+
+# --- the trainable (runs in a Ray worker) ------------------------------------------------------
+
+
+def trainable(config: dict[str, Any], points: dict[str, dict] | None = None) -> None:
+    """One vpns trial under Tune: report every epoch with the trial's checkpoint, resume from
+    ``tune.get_checkpoint()``, and end with one ``final`` report carrying the selected
+    accuracies and the artifacts (masks, layer stats, prompt PNG, exported model)."""
+    from vpns_core.train import run_trial
+
+    cfg = Config.from_dict(resolve(config, points))
+    # Scratch space outside Tune's trial folder, which Tune copies to storage wholesale; what
+    # must survive goes into the reported checkpoints. A leftover of a dead attempt is stale:
+    # Tune's latest checkpoint is the truth.
+    scratch = Path(os.environ.get("VPNS_SCRATCH", tempfile.gettempdir())) / "vpns-trials" / \
+        tune.get_context().get_trial_id()
+    shutil.rmtree(scratch, ignore_errors=True)
+    workdir = scratch / "work"
+    workdir.mkdir(parents=True)
+    planned = cfg.total_epochs  # ASHA never stops a trial at its last epoch
+    resume = False
+    restored = tune.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as folder:
+            folder = Path(folder)
+            if (folder / FINAL).is_file():  # finished before the driver died: report it again
+                _report_final(json.loads((folder / FINAL).read_text()), folder, scratch)
+                return
+            shutil.copyfile(folder / CHECKPOINT, workdir / CHECKPOINT)
+            resume = True
+
+    def report(metrics: dict[str, Any]) -> None:
+        with tempfile.TemporaryDirectory(dir=scratch, prefix="report-") as tmp:
+            _link(workdir / CHECKPOINT, Path(tmp) / CHECKPOINT)
+            tune.report({**metrics, "planned_epochs": planned},
+                        checkpoint=tune.Checkpoint.from_directory(tmp))
+
+    # resume=False without a Tune checkpoint: an epoch Tune never saw must run (and report) again
+    result = run_trial(cfg, workdir, reporter=report, resume=resume)
+    final = {**result.final, "final": 1, "planned_epochs": planned}
+    final[METRIC] = final.get("selected_val_acc", final.get(METRIC))  # the selected model's
+    write_artifacts(cfg, workdir, scratch / "final", final)
+    shutil.rmtree(workdir)
+    _report_final(final, scratch / "final", scratch)
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _report_final(metrics: dict[str, Any], folder: Path, scratch: Path) -> None:
+    with tempfile.TemporaryDirectory(dir=scratch, prefix="final-") as tmp:
+        for item in folder.iterdir():
+            _link(item, Path(tmp) / item.name)
+        shutil.rmtree(scratch / "final", ignore_errors=True)
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def _link(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)  # checkpoint.pt is replaced atomically, so a hard link is a snapshot
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def write_artifacts(cfg: Config, workdir: Path, out: Path, final: dict[str, Any]) -> None:
+    """Copy masks, layer stats (JSON and CSV) and the export; draw the prompt; write final.json."""
+    import torch
+    from torchvision.utils import save_image
+
+    from vpns_core.prompts import build_prompt
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("masks.pt", "layer_stats.json", "model_export.pt"):
+        _link(workdir / name, out / name)
+    stats = json.loads((workdir / "layer_stats.json").read_text())
+    with open(out / "layer_stats.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["name", "numel", "kept", "density", "pruned"])
+        writer.writeheader()
+        writer.writerows(stats)
+    if final.get("prompt_tunable", 0) > 0:
+        export = torch.load(workdir / "model_export.pt", map_location="cpu", weights_only=True)
+        prompt = build_prompt(cfg.prompt, input_size=cfg.input_size, output_size=cfg.output_size,
+                              mean=export["mean"], std=export["std"], pad_size=cfg.pad_size,
+                              prompt_size=cfg.resolved_prompt_size)
+        prompt.load_state_dict(export["prompt"])
+        image = prompt.image()
+        scale = max(1, 256 // image.shape[-1])  # nearest-neighbour upscaling so pixels stay visible
+        save_image(image.repeat_interleave(scale, 1).repeat_interleave(scale, 2), out / "prompt.png")
+    (out / FINAL).write_text(json.dumps(final, indent=1, default=str))
+
+
+# --- ASHA that knows where a trial ends ------------------------------------------------------
+
+
+class StageASHA(ASHAScheduler):
+    """ASHA over the global ``epoch`` (either stage) that never stops a trial at its last epoch:
+    stopping there saves no compute and would lose the final report (selected accuracy,
+    artifacts)."""
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        decision = super().on_trial_result(tune_controller, trial, result)
+        last = result.get("final") or result.get("epoch", 0) >= result.get("planned_epochs", math.inf)
+        return TrialScheduler.CONTINUE if decision == TrialScheduler.STOP and last else decision
+
+
+# --- MLflow (runs in the driver) -------------------------------------------------------------
+
+
+_TUNE_KEYS = {"timestamp", "time_this_iter_s", "time_total_s", "training_iteration", "pid",
+              "hostname", "node_ip", "date", "time_since_restore", "iterations_since_restore",
+              "checkpoint_dir_name", "done", "trial_id", "experiment_tag", "should_checkpoint",
+              "final", "planned_epochs"}
+_FINAL_PREFIXES = ("selected_", "mask_stage_", "prompt_tunable")
+
+
+def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()
+            if k not in _TUNE_KEYS and isinstance(v, (int, float))}
+
+
+@dataclass
+class _RunState:
+    run_id: str
+    last_epoch: int = 0
+    final: bool = False
+    artifacts: bool = False
+
+
+class MLflowTracker(tune.Callback):
+    """One MLflow run per trial (child of the sweep's parent run), written from the driver.
+
+    Runs are found again by their ``trial_id`` tag, so a resumed sweep or a retried trial keeps
+    its run (no duplicates) and epochs already logged are not logged twice. Params: every Config
+    value; metrics: every numeric epoch metric at ``step = epoch``, then the final selected
+    accuracies; artifacts: layer stats (JSON, CSV), the prompt PNG, the model with --log-model.
+    """
+
+    def __init__(self, *, tracking_uri: str, experiment_id: str, parent_run_id: str,
+                 tags: dict[str, str], points: dict[str, dict], label_keys: list[str],
+                 log_model: bool) -> None:
+        self.tracking_uri = tracking_uri
+        self.experiment_id = experiment_id
+        self.parent_run_id = parent_run_id
+        self.tags = tags
+        self.points = points
+        self.label_keys = label_keys
+        self.log_model = log_model
+        self._client = None
+        self._runs: dict[str, _RunState] = {}
+
+    def __getstate__(self) -> dict:  # pickled into tuner.pkl: no client, no cache
+        return {**self.__dict__, "_client": None, "_runs": {}}
+
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+            self._client = MlflowClient(self.tracking_uri)
+        return self._client
+
+    def _run(self, trial) -> _RunState:
+        state = self._runs.get(trial.trial_id)
+        if state is not None:
+            return state
+        found = self.client.search_runs(
+            [self.experiment_id], max_results=1,
+            filter_string=f"tags.trial_id = '{trial.trial_id}' and tags.sweep = '{self.tags['sweep']}'")
+        if found:
+            run = found[0]
+            state = _RunState(run.info.run_id, int(run.data.metrics.get("epoch", 0)),
+                              "selected_val_acc" in run.data.metrics or "final_epoch" in run.data.metrics,
+                              run.data.tags.get("artifacts") == "logged")
+            if run.info.status != "RUNNING":
+                self.client.update_run(state.run_id, status="RUNNING")
+        else:
+            state = _RunState(self._create(trial))
+        self._runs[trial.trial_id] = state
+        return state
+
+    def _create(self, trial) -> str:
+        from mlflow.entities import Param
+        values = resolve(trial.config, self.points)
+        try:  # every field, defaults included
+            values = {**driver_config(values).to_dict(), "device": values.get("device", "auto")}
+        except ValueError:
+            pass  # an invalid point: log what was asked for; the trial fails with the reason
+        label = " ".join(f"{k}={trial.config[k]}" for k in self.label_keys if k in trial.config)
+        tags = {**self.tags, "mlflow.parentRunId": self.parent_run_id, "role": "trial",
+                "trial_id": trial.trial_id, "trial_name": str(trial)}
+        for key in ("method", "prompt", "dataset", "model", "vp_stages"):
+            tags[key] = str(values.get(key))
+        run = self.client.create_run(self.experiment_id, run_name=label or str(trial), tags=tags)
+        params = {k: json.dumps(v) if isinstance(v, dict) else str(v) for k, v in values.items()}
+        params.update({k: str(trial.config[k]) for k in self.points if k in trial.config})
+        items = [Param(k, v) for k, v in params.items()]
+        for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(run.info.run_id, params=items[start:start + 100])
+        return run.info.run_id
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self._run(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        from mlflow.entities import Metric
+        state = self._run(trial)
+        now = int(time.time() * 1000)
+        epoch = int(result.get("epoch", 0))
+        if result.get("final"):
+            if not state.final:
+                values = {k: v for k, v in _numeric(result).items() if k.startswith(_FINAL_PREFIXES)}
+                values["final_epoch"] = epoch
+                self.client.log_batch(state.run_id, metrics=[Metric(k, v, now, epoch) for k, v in values.items()])
+                state.final = True
+        elif epoch > state.last_epoch:
+            metrics = [Metric(k, v, now, epoch) for k, v in _numeric(result).items()]
+            self.client.log_batch(state.run_id, metrics=metrics)
+            state.last_epoch = epoch
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info) -> None:
+        state = self._run(trial)
+        if state.artifacts:
+            return
+        with checkpoint.as_directory() as folder:
+            folder = Path(folder)
+            if not (folder / FINAL).is_file():
+                return
+            for name in ("layer_stats.json", "layer_stats.csv", "prompt.png", FINAL):
+                if (folder / name).is_file():
+                    self.client.log_artifact(state.run_id, str(folder / name))
+            if self.log_model:
+                for name in ("model_export.pt", "masks.pt"):
+                    self.client.log_artifact(state.run_id, str(folder / name), "model")
+        self.client.set_tag(state.run_id, "artifacts", "logged")
+        state.artifacts = True
+
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        self.client.set_tag(self._run(trial).run_id, "failures", str(trial.num_failures))
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        state = self._run(trial)
+        self.client.set_tag(state.run_id, "early_stopped", str(not state.final).lower())
+        self.client.set_terminated(state.run_id, status="FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        state = self._run(trial)
+        error = _error_text(trial)
+        self.client.set_tag(state.run_id, "error", error[-5000:])
+        self.client.set_tag(state.run_id, "failures", str(trial.num_failures))
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "error.txt").write_text(error)
+            self.client.log_artifact(state.run_id, str(Path(tmp) / "error.txt"))
+        self.client.set_terminated(state.run_id, status="FAILED")
+
+
+def _error_text(trial) -> str:
+    error = trial.get_pickled_error() or trial.get_error()
+    return str(error) if error is not None else "unknown error"
+
+
+def _git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=PROJECT, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + ("-dirty" if dirty else "")
+
+
+# --- one sweep -------------------------------------------------------------------------------
+
+
+class SweepInterrupted(Exception):
+    """A phase stopped before all its trials ended (Ctrl-C); ``--resume`` continues it."""
+
+
+@dataclass
+class Phase:
+    """The records of one finished (or interrupted) phase."""
+
+    name: str
+    axes: dict[str, list]  # discrete axis -> its values (labels) in the space's order
+    records: list[dict[str, Any]]
+    complete: bool
+
+
+@dataclass
+class Sweep:
+    script: str
+    name: str
+    args: argparse.Namespace
+    dir: Path
+    resuming: bool
+    experiment_id: str = ""
+    parent_run_id: str = ""
+    default_samples: int = 8  # Optuna trials when --num-samples is not given (per script)
+    phases: list[Phase] = field(default_factory=list)
+
+    @property
+    def preset(self) -> str:
+        return self.args.preset
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(self.args.seeds or base_presets.seeds(self.preset))
+
+    def run_phase(self, name: str, base: dict[str, Any], space: dict[str, Any], *,
+                  seed_axis: bool = True) -> Phase:
+        """Run (or resume) one Tune experiment over ``space`` on top of ``base``."""
+        args = self.args
+        overrides = parse_overrides(args.set)
+        fixed = {**base, **runtime_fields(args), **overrides}
+        if args.data_root:
+            fixed["data_root"] = str(Path(args.data_root).resolve())
+        fixed["tags"] = {**fixed.get("tags", {}), "sweep": self.name, "preset": self.preset}
+        axes = dict(space)
+        if args.search == "optuna":
+            axes.update({k: v for k, v in learning_rates.space(self.preset).items() if k not in axes})
+        axes = {k: v for k, v in axes.items() if k not in overrides}  # --set FIELD fixes an axis
+        if seed_axis and "seed" not in overrides:
+            if args.search == "grid":
+                axes["seed"] = self.seeds
+            else:
+                fixed["seed"] = self.seeds[0]
+        for key in axes:
+            fixed.pop(key, None)
+        points = {k: v for k, v in axes.items() if isinstance(v, dict)}
+        check_points(fixed, axes)
+        prepare_resources(point_configs(fixed, axes, points))
+        param_space = {**fixed, **{k: _tune_axis(v, args.search) for k, v in axes.items()}}
+        label_keys = [k for k, v in axes.items() if not isinstance(v, Domain)]
+        order = {k: list(axes[k]) for k in label_keys}
+        tracker = MLflowTracker(
+            tracking_uri=args.tracking_uri, experiment_id=self.experiment_id,
+            parent_run_id=self.parent_run_id, points=points, label_keys=label_keys,
+            log_model=args.log_model,
+            tags={"sweep": self.name, "phase": name, "script": self.script, "preset": self.preset,
+                  "mlflow.source.git.commit": _git_commit(), "search": args.search,
+                  "scheduler": args.scheduler})
+        resources = {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial}
+        fn = tune.with_resources(tune.with_parameters(trainable, points=points), resources)
+        path = self.dir / name
+        if self.resuming and tune.Tuner.can_restore(str(path)):
+            print(f"[{self.name}] resuming phase '{name}' from {path}", flush=True)
+            tuner = tune.Tuner.restore(str(path), trainable=fn, resume_errored=False,
+                                       restart_errored=args.retry_failed)
+        else:
+            tuner = tune.Tuner(fn, param_space=param_space,
+                               tune_config=self._tune_config(fixed, axes),
+                               run_config=tune.RunConfig(
+                                   name=name, storage_path=str(self.dir), callbacks=[tracker],
+                                   failure_config=tune.FailureConfig(max_failures=args.max_failures),
+                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                   verbose=1))
+        try:
+            tuner.fit()
+        except tune.TuneError as err:  # e.g. "trials did not complete": the records say which
+            print(f"[{self.name}] Tune reported: {err}", file=sys.stderr)
+        records = collect(path, name, points)
+        phase = Phase(name, order, records,
+                      complete=all(r["status"] in ("TERMINATED", "ERROR") for r in records))
+        self.phases.append(phase)
+        if not phase.complete:  # Ctrl-C: Tune saved its state; later phases must not start
+            raise SweepInterrupted(name)
+        return phase
+
+    def _tune_config(self, fixed: dict[str, Any], axes: dict[str, Any]) -> tune.TuneConfig:
+        args = self.args
+        search_alg = None
+        num_samples = args.num_samples or 1
+        if args.search == "optuna":
+            import optuna
+            from ray.tune.search.optuna import OptunaSearch
+            search_alg = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=args.optuna_seed))
+            num_samples = args.num_samples or self.default_samples
+        if args.scheduler == "asha":
+            epochs = max(driver_config(c).total_epochs
+                         for c in point_configs(fixed, axes, {k: v for k, v in axes.items()
+                                                               if isinstance(v, dict)}))
+            scheduler = StageASHA(time_attr="epoch", max_t=max(epochs, 1),
+                                  grace_period=args.grace_period, reduction_factor=args.reduction_factor)
+        else:
+            scheduler = FIFOScheduler()
+        return tune.TuneConfig(metric=args.metric, mode=args.mode, search_alg=search_alg, scheduler=scheduler,
+                               num_samples=num_samples, max_concurrent_trials=args.max_concurrent,
+                               trial_dirname_creator=_trial_dirname,
+                               reuse_actors=True)  # saves starting a process + torch per trial
+
+
+def _trial_dirname(trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def _tune_axis(values: Any, search: str) -> Any:
+    if isinstance(values, Domain):
+        return values
+    labels = list(values)  # a list of field values, or the labels of named points
+    return tune.grid_search(labels) if search == "grid" else tune.choice(labels)
+
+
+def runtime_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """Per-trial runtime: one torch thread per reserved CPU (oversubscribed threads are up to
+    60x slower when trials share cores), CUDA when GPUs are reserved, never download in a trial."""
+    threads = max(1, math.floor(args.cpus_per_trial))
+    return {"num_threads": threads, "device": "cuda" if args.gpus_per_trial > 0 else "cpu",
+            "download": False}
+
+
+def point_configs(fixed: dict[str, Any], axes: dict[str, Any],
+                  points: dict[str, dict]) -> list[dict[str, Any]]:
+    """Config values for every combination of the discrete axes (Tune domains left at the base)."""
+    discrete = {k: list(v) for k, v in axes.items() if not isinstance(v, Domain)}
+    combos = []
+    for values in itertools.product(*discrete.values()):
+        combos.append(resolve({**fixed, **dict(zip(discrete, values))}, points))
+    return combos
+
+
+def check_points(fixed: dict[str, Any], axes: dict[str, Any]) -> None:
+    """Validate every discrete point before any trial starts (errors name the field); Tune
+    domains are checked with one sample."""
+    points = {k: v for k, v in axes.items() if isinstance(v, dict)}
+    samples = {k: v.sample() for k, v in axes.items() if isinstance(v, Domain)}
+    for values in point_configs(fixed, axes, points):
+        driver_config({**values, **samples})
+
+
+def prepare_resources(configs: list[dict[str, Any]], download: bool = True) -> None:
+    """Datasets and pretrained weights, once, in the driver, before any trial starts.
+
+    Trials then only read them (``download=False``) from ``data_root`` and ``TORCH_HOME``, which
+    must be paths every worker sees (shared storage, or prepared on every node by the cluster's
+    setup commands: ``python -m sweeps.prepare``). Raises with the fix when something is missing.
+    """
+    for name, root in sorted({(c.get("dataset", "fashion_mnist"), c.get("data_root")) for c in configs},
+                             key=str):
+        prepare_dataset(name, root, download)
+    for model in sorted({(c.get("model", "efficientnet_lite0"), c.get("pretrained", True),
+                          c.get("source_checkpoint")) for c in configs}, key=str):
+        prepare_model(*model, download=download)
+
+
+def prepare_dataset(name: str, root: str | None, download: bool = True) -> None:
+    from vpns_core.data import DATASETS, check_available
+    try:
+        check_available(name, root, download=False)
+    except FileNotFoundError:
+        spec = DATASETS.get(name, "dataset")
+        if not (download and spec.downloadable and root):
+            raise
+        for train in (True, False):
+            spec.load(Path(root), train, True)
+        check_available(name, root, download=False)
+
+
+def prepare_model(name: str, pretrained: bool, checkpoint: str | None, download: bool = True) -> None:
+    from vpns_core.models import build_model, check_model
+    try:
+        check_model(name, pretrained and checkpoint is None, checkpoint, allow_download=False)
+    except FileNotFoundError:
+        if not download:
+            raise
+        build_model(name, pretrained=pretrained, source_checkpoint=checkpoint)  # downloads
+
+
+# --- records, export, table ------------------------------------------------------------------
+
+
+def collect(path: Path, phase: str, points: dict[str, dict]) -> list[dict[str, Any]]:
+    """One record per trial of the experiment at ``path``: config, status, error, epochs."""
+    from ray.tune import ExperimentAnalysis
+    analysis = ExperimentAnalysis(str(path))
+    records = []
+    for trial in analysis.trials:
+        results = _read_results(Path(trial.path) / "result.json")
+        epochs: dict[int, dict] = {}
+        final = None
+        for r in results:
+            if r.get("final"):
+                final = r
+            elif "epoch" in r:
+                epochs[int(r["epoch"])] = r  # a resumed trial may repeat an epoch: keep the last
+        error = _error_text(trial) if trial.status == "ERROR" else None
+        records.append({
+            "phase": phase, "trial_id": trial.trial_id, "status": trial.status,
+            "labels": {k: trial.config[k] for k in trial.config if k in points or k in ("seed",)},
+            "tune_config": dict(trial.config), "config": resolve(trial.config, points),
+            "final": final, "epochs": [epochs[e] for e in sorted(epochs)], "error": error,
+            "num_failures": trial.num_failures,
+            "checkpoint": trial.checkpoint.path if trial.checkpoint is not None else None,
+        })
+    return records
+
+
+def _read_results(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            rows.append(json.loads(line))
+    return rows
+
+
+def export_parquet(sweep: Sweep, run_ids: dict[str, str]) -> tuple[Path, Path]:
+    """trials.parquet (one row per trial) and epochs.parquet (one row per trial and epoch)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    trial_rows, epoch_rows = [], []
+    for phase in sweep.phases:
+        for r in phase.records:
+            last = r["epochs"][-1] if r["epochs"] else {}
+            row = {"sweep": sweep.name, "script": sweep.script, "preset": sweep.preset,
+                   "phase": r["phase"], "trial_id": r["trial_id"], "status": r["status"],
+                   "finished": r["final"] is not None,
+                   "early_stopped": r["status"] == "TERMINATED" and r["final"] is None,
+                   "error": r["error"], "num_failures": r["num_failures"],
+                   "mlflow_run_id": run_ids.get(r["trial_id"]), "epochs_done": last.get("epoch"),
+                   "wall_time_s": last.get("wall_time_s")}
+            row.update({f"axis.{k}": str(v) for k, v in r["tune_config"].items()
+                        if k in phase.axes})
+            row.update({f"config.{k}": _cell(v) for k, v in r["config"].items()})
+            for key, value in (r["final"] or {}).items():
+                if key.startswith(_FINAL_PREFIXES):
+                    row[key] = value
+            for key, value in last.items():
+                if key not in _TUNE_KEYS and key not in row and not isinstance(value, (dict, list)):
+                    row[f"last.{key}"] = value
+            trial_rows.append(row)
+            for e in r["epochs"]:
+                epoch_rows.append({"sweep": sweep.name, "phase": r["phase"], "trial_id": r["trial_id"],
+                                   **{k: v for k, v in e.items()
+                                      if k not in _TUNE_KEYS and not isinstance(v, (dict, list))}})
+    out = (sweep.dir / "trials.parquet", sweep.dir / "epochs.parquet")
+    for rows, path in zip((trial_rows, epoch_rows), out):
+        keys = list(dict.fromkeys(k for row in rows for k in row))
+        pq.write_table(pa.Table.from_pylist([{k: row.get(k) for k in keys} for row in rows]), path)
+    return out
+
+
+def _cell(value: Any) -> Any:
+    return json.dumps(value) if isinstance(value, (dict, list)) else value
+
+
+def result_table(phase: Phase) -> list[dict[str, Any]]:
+    """Per point of the phase's discrete axes (seeds pooled): trials done / stopped / failed and
+    mean ± std of the selected (validation-chosen) test accuracies."""
+    keys = [k for k in phase.axes if k != "seed"]
+    groups: dict[tuple, list[dict]] = {}
+    for r in phase.records:
+        groups.setdefault(tuple(r["tune_config"].get(k) for k in keys), []).append(r)
+    def position(point: tuple) -> tuple:  # the space's order, not the order trials ran in
+        return tuple(phase.axes[k].index(v) if v in phase.axes[k] else len(phase.axes[k])
+                     for k, v in zip(keys, point))
+
+    rows = []
+    for point, records in sorted(groups.items(), key=lambda item: position(item[0])):
+        done = [r["final"] for r in records if r["final"] is not None]
+        row = {"phase": phase.name, **dict(zip(keys, point)), "done": len(done),
+               "stopped": sum(r["status"] == "TERMINATED" and r["final"] is None for r in records),
+               "failed": sum(r["status"] == "ERROR" for r in records)}
+        for metric in TABLE_METRICS:
+            values = [d[metric] for d in done if isinstance(d.get(metric), (int, float))]
+            if values:
+                mean = sum(values) / len(values)
+                row[metric] = mean
+                row[metric + "_std"] = (math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+                                        if len(values) > 1 else 0.0)
+        rows.append(row)
+    return rows
+
+
+def best_record(phase: Phase) -> dict[str, Any] | None:
+    """The finished trial with the highest selected validation accuracy (never the test set)."""
+    done = [r for r in phase.records if r["final"] is not None]
+    return max(done, key=lambda r: r["final"].get("selected_val_acc", r["final"].get(METRIC, -1)),
+               default=None)
+
+
+def print_table(sweep: Sweep, rows: list[dict[str, Any]]) -> None:
+    for phase in sweep.phases:
+        body = [r for r in rows if r["phase"] == phase.name]
+        keys = [k for k in phase.axes if k != "seed"]
+        metrics = [m for m in TABLE_METRICS if any(m in r for r in body)]
+        header = keys + ["done", "stopped", "failed"] + metrics
+        lines = [[str(r.get(k)) for k in keys + ["done", "stopped", "failed"]]
+                 + [f"{r[m]:.3f} ± {r[m + '_std']:.3f}" if m in r else "-" for m in metrics]
+                 for r in body]
+        widths = [max([len(h)] + [len(line[i]) for line in lines]) for i, h in enumerate(header)]
+        pooled = "seeds" if sweep.args.search == "grid" else "the point's trials (sampled learning rates pooled)"
+        print(f"\n{sweep.script} [{sweep.preset}] phase '{phase.name}' ({len(phase.records)} trials; "
+              f"accuracies: test set at the epoch chosen on validation, mean ± std over {pooled})")
+        print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+        for line in lines:
+            print("  ".join(c.ljust(w) for c, w in zip(line, widths)))
+        best = best_record(phase)
+        if best is not None:
+            cfg = {k: best["tune_config"][k] for k in best["tune_config"]
+                   if k in phase.axes or k in ("mask_lr", "tune_lr")}
+            print(f"best (by validation): {cfg}  selected_test_acc="
+                  f"{best['final'].get('selected_test_acc', float('nan')):.4f}")
+        for r in phase.records:
+            if r["status"] == "ERROR":
+                print(f"FAILED {r['trial_id']} {r['labels']}: {(r['error'] or '').strip().splitlines()[-1:]}")
+
+
+# --- entry point -----------------------------------------------------------------------------
+
+
+def run_sweep(script: str, plan: Callable[[Sweep], None], argv: list[str] | None = None, *,
+              doc: str | None = None, search: str = "optuna", scheduler: str = "asha",
+              num_samples: int = 8) -> int:
+    """Parse flags, start (or join) Ray, open the MLflow parent run, run ``plan(sweep)``, then
+    export Parquet, print the table and call the analysis hook. Returns the exit status."""
+    parser = build_parser(script, doc, search, scheduler, num_samples)
+    args = parser.parse_args(argv)
+    if args.metric.startswith("test") or args.metric.startswith("selected_test"):
+        parser.error(f"--metric {args.metric}: select on validation or training metrics, never on test")
+    sweep = _open_sweep(script, args)
+    sweep.default_samples = num_samples
+    started = time.time()
+    own_ray = not ray.is_initialized()
+    if own_ray:
+        if args.address:
+            ray.init(address=args.address)
+        else:
+            ray.init(include_dashboard=False)  # nothing listens beyond this machine
+    try:
+        _open_mlflow(sweep)
+        print(f"[{sweep.name}] {args.search} search, {args.scheduler} scheduler, preset "
+              f"{args.preset}; results in {sweep.dir}; MLflow {args.tracking_uri}", flush=True)
+        try:
+            plan(sweep)
+        except SweepInterrupted:
+            pass  # write what there is; _finish prints how to resume
+        except (ConfigError, UnknownNameError, FileNotFoundError) as err:  # a bad space or missing data: no trial ran
+            print(f"error: {err}", file=sys.stderr)
+            _close_parent(sweep, "FAILED")
+            return 2
+        return _finish(sweep, time.time() - started)
+    finally:
+        if own_ray:
+            ray.shutdown()
+
+
+def _open_sweep(script: str, args: argparse.Namespace) -> Sweep:
+    storage = Path(args.storage_path).expanduser().resolve()
+    if args.resume:
+        name = args.name or (args.resume if args.resume != "latest" else None)
+        if name is None:
+            candidates = sorted(storage.glob(f"{script}-{args.preset}-*/sweep.json"),
+                                key=lambda p: p.stat().st_mtime)
+            if not candidates:
+                raise SystemExit(f"--resume: no sweep of {script} ({args.preset}) under {storage}")
+            name = candidates[-1].parent.name
+        meta = storage / name / "sweep.json"
+        if not meta.is_file():
+            raise SystemExit(f"--resume: {meta} not found")
+        saved = json.loads(meta.read_text())
+        for key in DEFINING:
+            setattr(args, key, saved["args"][key])
+        return Sweep(script, name, args, storage / name, resuming=True)
+    name = args.name or f"{script}-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder = storage / name
+    if (folder / "sweep.json").exists():
+        raise SystemExit(f"{folder} exists: pass --resume {name} to continue it, or another --name")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sweep.json").write_text(json.dumps({"script": script, "name": name,
+                                                   "args": vars(args)}, indent=1))
+    return Sweep(script, name, args, folder, resuming=False)
+
+
+def _open_mlflow(sweep: Sweep) -> None:
+    """The experiment of this script and the sweep's parent run (found again on --resume)."""
+    from mlflow.tracking import MlflowClient
+    uri = sweep.args.tracking_uri
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(sweep.script)
+    if experiment is None:
+        location = None
+        if uri.startswith("sqlite:///"):  # artifacts next to the database
+            location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / sweep.script).as_uri()
+        sweep.experiment_id = client.create_experiment(sweep.script, artifact_location=location)
+    else:
+        sweep.experiment_id = experiment.experiment_id
+    found = client.search_runs([sweep.experiment_id], max_results=1,
+                               filter_string=f"tags.sweep = '{sweep.name}' and tags.role = 'parent'")
+    if found:
+        sweep.parent_run_id = found[0].info.run_id
+        client.update_run(sweep.parent_run_id, status="RUNNING")
+        return
+    args = sweep.args
+    run = client.create_run(sweep.experiment_id, run_name=sweep.name, tags={
+        "sweep": sweep.name, "role": "parent", "script": sweep.script, "preset": args.preset,
+        "search": args.search, "scheduler": args.scheduler, "mlflow.source.git.commit": _git_commit()})
+    sweep.parent_run_id = run.info.run_id
+    for key in ("preset", "search", "scheduler", "num_samples", "seeds", "set", "grace_period",
+                "reduction_factor", "optuna_seed", "cpus_per_trial", "gpus_per_trial", "max_failures"):
+        client.log_param(sweep.parent_run_id, key, str(getattr(args, key)))
+
+
+def _close_parent(sweep: Sweep, status: str) -> None:
+    from mlflow.tracking import MlflowClient
+    MlflowClient(sweep.args.tracking_uri).set_terminated(sweep.parent_run_id, status=status)
+
+
+def _finish(sweep: Sweep, elapsed: float) -> int:
+    from mlflow.tracking import MlflowClient
+
+    import analysis
+
+    client = MlflowClient(sweep.args.tracking_uri)
+    children = client.search_runs([sweep.experiment_id], max_results=10000,
+                                  filter_string=f"tags.sweep = '{sweep.name}' and tags.role = 'trial'")
+    run_ids = {run.data.tags.get("trial_id"): run.info.run_id for run in children}
+    trials_path, epochs_path = export_parquet(sweep, run_ids)
+    rows = [row for phase in sweep.phases for row in result_table(phase)]
+    print_table(sweep, rows)
+    outputs = analysis.sweep_figure(sweep.script, rows, trials_path, epochs_path, sweep.dir)
+    failed = sum(r["status"] == "ERROR" for p in sweep.phases for r in p.records)
+    complete = all(p.complete for p in sweep.phases)
+    for path in (trials_path, epochs_path, *outputs):
+        client.log_artifact(sweep.parent_run_id, str(path))
+    client.log_metric(sweep.parent_run_id, "failed_trials", failed)
+    client.log_metric(sweep.parent_run_id, "sweep_wall_time_s", elapsed)
+    client.set_terminated(sweep.parent_run_id, status="FINISHED" if complete else "KILLED")
+    print(f"\n[{sweep.name}] {sum(len(p.records) for p in sweep.phases)} trials, {failed} failed, "
+          f"{elapsed:.0f} s. Parquet: {trials_path}, {epochs_path}; outputs: "
+          f"{', '.join(map(str, outputs))}; MLflow experiment '{sweep.script}' at "
+          f"{sweep.args.tracking_uri}", flush=True)
+    if not complete:
+        print(f"interrupted: continue with  python sweeps/{sweep.script}.py --resume {sweep.name}")
+        return 130
+    return 1 if failed else 0

@@ -1,0 +1,19 @@
+"""Learning-rate search: Optuna (TPE) over the mask-finding and weight-tuning learning rates of
+VPNs at the preset's task, with ASHA stopping weak trials after the first epochs.
+"""
+import sys
+
+from search_spaces import learning_rates
+from sweeps.common import run_sweep
+
+
+def plan(sweep):
+    sweep.run_phase("trials", learning_rates.base(sweep.preset), learning_rates.space(sweep.preset))
+
+
+def main(argv=None):
+    return run_sweep("learning_rates", plan, argv, doc=__doc__, num_samples=12)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

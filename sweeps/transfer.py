@@ -1,0 +1,32 @@
+"""Transfer: masks found on a source task (phase 'source', mask finding only), then fine-tuned
+with their method and seed on each target task (phase 'target', ``mask_file``). A grid.
+"""
+import sys
+
+from search_spaces import transfer
+from sweeps.common import run_sweep
+
+
+def plan(sweep):
+    base = transfer.base(sweep.preset)
+    source = sweep.run_phase("source", {**base, "tune_epochs": 0}, transfer.source_space(sweep.preset))
+    masks = {}
+    for r in source.records:
+        if r["final"] is not None:  # finished source trials only; failures show in the table
+            cfg = r["config"]
+            label = f"{cfg['dataset']}/{cfg['method']}/seed{cfg['seed']}"
+            masks[label] = {"mask_file": f"{r['checkpoint']}/masks.pt", "method": cfg["method"],
+                            "seed": cfg["seed"]}
+    if not masks:
+        raise SystemExit("transfer: no source trial finished, nothing to transfer")
+    sweep.run_phase("target", base, {"mask": dict(sorted(masks.items())),
+                                     "dataset": transfer.target_datasets(sweep.preset)},
+                    seed_axis=False)
+
+
+def main(argv=None):
+    return run_sweep("transfer", plan, argv, doc=__doc__, search="grid", scheduler="fifo")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

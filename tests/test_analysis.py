@@ -1,0 +1,372 @@
+"""Figures from small synthetic tables of runs with known values: the plotted numbers (read back
+from each figure's CSV), seed counts of failed / stopped / missing trials, captions, files."""
+import itertools
+import json
+import math
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import analysis
+from analysis import __main__ as cli
+from analysis.plotting import noise_note, save
+from analysis.runs import Runs, aggregate, complete_config, read_parquet
+
+_ids = itertools.count()
+ERROR = "Traceback (most recent call last):\n  ...\nValueError: mask_file: file not found"
+
+
+def trial(seed, p=None, n=None, mp=None, mn=None, *, state="ok", script="ablation_pad",
+          phase="trials", axes=None, extra=None, **config):
+    """One row shaped like trials.parquet. Accuracies are fractions; ``state`` is ok / failed /
+    stopped / missing (never ended)."""
+    row = {"sweep": "syn-sweep", "script": script, "preset": "tiny", "phase": phase,
+           "trial_id": f"t{next(_ids):04d}", "status": {"failed": "ERROR", "missing": "RUNNING"}.get(state, "TERMINATED"),
+           "finished": state == "ok", "early_stopped": state == "stopped",
+           "error": ERROR if state == "failed" else None, "num_failures": 2 if state == "failed" else 0,
+           "mlflow_run_id": None, "epochs_done": 4 if state == "ok" else 1, "wall_time_s": 10.0,
+           "config.seed": seed}
+    row.update({f"config.{k}": v for k, v in config.items()})
+    row.update({f"axis.{k}": str(v) for k, v in (axes or {}).items()})
+    if state == "ok":
+        row.update({"selected_val_acc": p, "selected_test_acc_prompt": p, "selected_test_acc_noprompt": n})
+        if mp is not None:
+            row.update({"mask_stage_test_acc_prompt": mp, "mask_stage_test_acc_noprompt": mn})
+    row.update(extra or {})
+    return row
+
+
+def runs_of(rows):
+    return Runs(complete_config(pd.DataFrame(rows)))
+
+
+def by(table, **point):
+    """The CSV row at ``point`` (column -> value)."""
+    mask = pd.Series(True, index=table.index)
+    for column, value in point.items():
+        mask &= table[column.replace("__", ".")] == value
+    (index,) = table.index[mask]
+    return table.loc[index]
+
+
+def close(value, expected):
+    return math.isclose(float(value), expected, abs_tol=1e-6)
+
+
+# --- one synthetic sweep per figure: rows, then checks on the CSV read back ------------------------
+
+
+def pad_rows():
+    rows = []
+    for seed, p in zip((7, 9, 17), (0.60, 0.62, 0.64)):  # no prompt: 62 ± 2
+        rows.append(trial(seed, p, p, 0.30, 0.30, prompt="none", pad_size=0, axes={"pad": "none"}))
+    rows.append(trial(7, 0.70, 0.50, 0.40, 0.20, pad_size=8, axes={"pad": 8}))  # 71 ± 1.414
+    rows.append(trial(9, 0.72, 0.52, 0.44, 0.22, pad_size=8, axes={"pad": 8}))
+    rows.append(trial(17, state="failed", pad_size=8, axes={"pad": 8}))
+    rows.append(trial(7, 0.80, 0.40, 0.50, 0.10, pad_size=16, axes={"pad": 16}))
+    rows.append(trial(9, state="stopped", pad_size=16, axes={"pad": 16}))  # seed 17: missing
+    return rows
+
+
+def check_pad(table, figure):
+    assert list(table["pad_px"]) == [0, 8, 16]
+    none, eight, sixteen = (by(table, pad_px=v) for v in (0, 8, 16))
+    assert close(none["test_prompt_pct_mean"], 62) and close(none["test_prompt_pct_std"], 2)
+    assert close(eight["test_prompt_pct_mean"], 71) and close(eight["test_prompt_pct_std"], math.sqrt(2))
+    assert close(eight["test_noprompt_pct_mean"], 51) and close(eight["mask_prompt_pct_mean"], 42)
+    assert (eight["ok"], eight["failed"], eight["stopped"], eight["missing"]) == (2, 1, 0, 0)
+    assert (sixteen["ok"], sixteen["failed"], sixteen["stopped"], sixteen["missing"]) == (1, 0, 1, 1)
+    assert close(sixteen["test_prompt_pct_mean"], 80) and math.isnan(sixteen["test_prompt_pct_std"])
+    text = " ".join(figure.caption)
+    assert "3 seeds (7, 9, 17)" in text and "preset tiny" in text and "Fashion-MNIST" in text
+    assert "fewer than two seeds" in text  # pad 16 has one seed: noise not measured there
+    assert "pad width 16: 1/3 seeds finished (1 stopped early, 1 missing)" in text
+    assert "pad width 8: 2/3 seeds finished (1 failed)" in text
+
+
+def input_rows():
+    return [trial(seed, p, p - 0.1, input_size=size)
+            for size, values in ((32, (0.5, 0.6)), (48, (0.7, 0.9)))
+            for seed, p in zip((7, 9), values)]
+
+
+def check_input(table, figure):
+    assert close(by(table, config__input_size=32)["test_prompt_pct_mean"], 55)
+    assert close(by(table, config__input_size=48)["test_noprompt_pct_mean"], 70)
+    assert close(by(table, config__input_size=48)["test_prompt_pct_std"], math.sqrt(200))
+    assert "mask_prompt_pct_mean" in table and by(table, config__input_size=32)["mask_prompt_pct_n"] == 0
+
+
+def prompt_rows():
+    return [trial(seed, p, 0.3, 0.2, 0.1, prompt=kind, extra={"prompt_tunable": 1344})
+            for kind, values in (("pad", (0.8, 0.82)), ("fix", (0.6, 0.62)), ("random", (0.5, 0.52)))
+            for seed, p in zip((7, 9), values)]
+
+
+def check_prompt(table, figure):
+    assert close(by(table, config__prompt="fix")["test_prompt_pct_mean"], 61)
+    assert close(by(table, config__prompt="pad")["test_noprompt_pct_mean"], 30)
+    text = " ".join(figure.caption)
+    assert "pad 1344, fix 1344, random 1344" in text
+    assert "prompt type pad (81.0 ± 1.4%) is above prompt type fix, prompt type random beyond seed noise" in text
+
+
+def stage_rows():
+    values = {"both": 0.8, "mask": 0.7, "tune": 0.75, "none": 0.6}
+    return [trial(seed, values[stage] + d, values[stage] + d, 0.5 + d, 0.4, vp_stages=stage)
+            for stage in values for seed, d in ((7, 0.0), (9, 0.2))]  # std 14.1 points: all within noise
+
+
+def check_stage(table, figure):
+    assert set(table["config.vp_stages"]) == {"both", "mask", "tune", "none"}
+    assert close(by(table, config__vp_stages="tune")["test_prompt_pct_mean"], 85)
+    assert close(by(table, config__vp_stages="none")["mask_noprompt_pct_mean"], 40)
+    assert "With prompt: all differences are within seed noise" in " ".join(figure.caption)
+
+
+def sparsity_rows(script="sparsity_curves"):
+    rows = []
+    for method, base in (("vpns", 0.8), ("hydra", 0.7)):
+        for sparsity, drop in ((0.5, 0.0), (0.9, 0.1)):
+            for seed, d in ((7, 0.0), (9, 0.02)):
+                acc = base - drop + d
+                rows.append(trial(seed, acc, acc - 0.05, acc - 0.3, acc - 0.35, script=script,
+                                  phase="pruned", method=method, sparsity=sparsity,
+                                  extra={"last.grad_steps": 100 * (2 if method == "vpns" else 1),
+                                         "wall_time_s": 10.0 + seed, "epochs_done": 4}))
+    rows.append(trial(7, state="failed", script=script, phase="pruned", method="hydra", sparsity=0.9))
+    for seed, acc in ((7, 0.9), (9, 0.92)):
+        rows.append(trial(seed, acc, acc, script=script, phase="dense", method="dense",
+                          extra={"last.grad_steps": 50, "wall_time_s": 5.0, "epochs_done": 2}))
+    return rows
+
+
+def check_sparsity(table, figure):
+    vpns = by(table, config__method="vpns", config__sparsity=0.9)
+    assert close(vpns["test_prompt_pct_mean"], 71) and close(vpns["mask_noprompt_pct_mean"], 36)
+    assert close(vpns["sparsity_pct"], 90)
+    dense = by(table, config__method="dense")
+    assert close(dense["test_prompt_pct_mean"], 91) and dense["mask_prompt_pct_n"] == 0
+    hydra = by(table, config__method="hydra", config__sparsity=0.9)
+    assert (hydra["ok"], hydra["failed"], hydra["failed_trials"], hydra["trials"]) == (2, 0, 1, 3)
+    assert "Failed trials at points that have a result from another trial: HYDRA at 90%: 1." in " ".join(figure.caption)
+    text = " ".join(figure.caption)
+    assert "Dense fine-tuning (dotted line, ± std band): Fashion-MNIST: with prompt 91.0 ± 1.4%" in text
+
+
+def check_cost(table, figure):
+    vpns = by(table, config__method="vpns", config__sparsity=0.5)
+    assert close(vpns["grad_steps_mean"], 200) and close(vpns["wall_time_s_mean"], 18)
+    assert close(vpns["epochs_mean"], 4)
+    assert close(by(table, config__method="dense")["grad_steps_mean"], 50)
+
+
+def architecture_rows():
+    rows = []
+    for arch, model, pretrained, acc in (("resnet18", "resnet18", True, 0.8),
+                                         ("scratch", "resnet18", False, 0.3)):
+        for method, d in (("vpns", 0.05), ("hydra", 0.0)):
+            for seed in (7, 9):
+                rows.append(trial(seed, acc + d, acc + d - 0.1, acc, acc, script="architectures",
+                                  model=model, pretrained=pretrained, method=method,
+                                  axes={"architecture": arch}))
+    return rows
+
+
+def check_architectures(table, figure):
+    assert close(by(table, architecture="resnet18", config__method="vpns")["test_prompt_pct_mean"], 85)
+    assert close(by(table, architecture="scratch", config__method="hydra")["test_noprompt_pct_mean"], 20)
+    assert "scratch = resnet18, random init" in " ".join(figure.caption)
+
+
+def transfer_rows():
+    rows = [trial(7, None, None, 0.6, 0.5, script="transfer", phase="source", method="vpns", tune_epochs=0),
+            trial(9, state="failed", script="transfer", phase="source", method="vpns", tune_epochs=0),
+            trial(7, None, None, 0.55, 0.5, script="transfer", phase="source", method="hydra", tune_epochs=0),
+            trial(9, None, None, 0.57, 0.5, script="transfer", phase="source", method="hydra", tune_epochs=0)]
+    for method, seeds in (("vpns", (7,)), ("hydra", (7, 9))):  # vpns seed 9 has no source mask
+        for seed in seeds:
+            rows.append(trial(seed, 0.9 if method == "vpns" else 0.8 + seed / 100, 0.7, script="transfer",
+                              phase="target", method=method, dataset="digits",
+                              mask_file=f"/m/{method}{seed}/masks.pt",
+                              axes={"mask": f"fashion_mnist/{method}/seed{seed}", "dataset": "digits"}))
+    return rows
+
+
+def check_transfer(table, figure):
+    vpns = by(table, transfer="Fashion-MNIST → digits", config__method="vpns")
+    assert close(vpns["test_prompt_pct_mean"], 90) and (vpns["ok"], vpns["missing"]) == (1, 1)
+    hydra = by(table, transfer="Fashion-MNIST → digits", config__method="hydra")
+    assert close(hydra["test_prompt_pct_mean"], 88) and hydra["ok"] == 2
+    text = " ".join(figure.caption)
+    assert "Fashion-MNIST VPNs: 1/2 finished, after mask finding 60.0% with prompt" in text
+
+
+def pilot_rows():
+    values = {("omp", "none"): 0.6, ("omp", "zero_shot"): 0.5, ("omp", "fine_tune"): 0.7,
+              ("random", "none"): 0.4, ("random", "zero_shot"): 0.3, ("random", "fine_tune"): 0.45}
+    return [trial(seed, acc + d, acc - 0.1, script="pilot", method=method, post_prompt=post)
+            for (method, post), acc in values.items() for seed, d in ((7, 0.0), (9, 0.01))]
+
+
+def check_pilot(table, figure):
+    assert close(by(table, config__method="omp", config__post_prompt="fine_tune")["test_prompt_pct_mean"], 70.5)
+    assert close(by(table, config__method="random", config__post_prompt="zero_shot")["test_noprompt_pct_mean"], 20)
+
+
+def structured_rows():
+    return [trial(seed, 0.8 - s / 2, 0.7 - s / 2, script="structured", method=method, sparsity=s,
+                  extra={"last.speedup": 1 + s * (2 if method == "vpns" else 1), "last.memory_mb": 100 * (1 - s)})
+            for method in ("vpns", "hydra") for s in (0.3, 0.6) for seed in (7, 9)]
+
+
+def check_structured(table, figure):
+    row = by(table, config__method="vpns", config__sparsity=0.6)
+    assert close(row["speedup_mean"], 2.2) and close(row["memory_mb_mean"], 40)
+    assert close(row["test_prompt_pct_mean"], 50)
+
+
+def lr_rows():
+    return [trial(7, 0.8, 0.7, script="learning_rates", mask_lr=0.01, tune_lr=0.05),
+            trial(7, 0.6, 0.5, script="learning_rates", mask_lr=0.001, tune_lr=0.01),
+            trial(7, state="stopped", script="learning_rates", mask_lr=0.1, tune_lr=0.1,
+                  extra={"last.val_acc": 0.2}),
+            trial(7, state="failed", script="learning_rates", mask_lr=0.05, tune_lr=0.002)]
+
+
+def check_lr(table, figure):
+    assert list(table["state"]) == ["ok", "ok", "stopped", "failed"]  # best validation first
+    assert close(table.loc[0, "mask_lr"], 0.01) and close(table.loc[0, "val_acc_pct"], 80)
+    assert close(table.loc[2, "val_acc_pct"], 20) and math.isnan(table.loc[3, "val_acc_pct"])
+    assert "Best by validation: mask_lr 0.01, tune_lr 0.05" in " ".join(figure.caption)
+
+
+CASES = {"pad_size": (pad_rows, check_pad), "input_size": (input_rows, check_input),
+         "prompt_type": (prompt_rows, check_prompt), "vp_stage": (stage_rows, check_stage),
+         "sparsity_curves": (sparsity_rows, check_sparsity), "cost": (sparsity_rows, check_cost),
+         "architectures": (architecture_rows, check_architectures),
+         "transfer": (transfer_rows, check_transfer), "pilot": (pilot_rows, check_pilot),
+         "structured": (structured_rows, check_structured), "learning_rates": (lr_rows, check_lr)}
+
+
+def test_every_registered_figure_has_a_synthetic_case():
+    assert set(CASES) == set(analysis.FIGURES)
+
+
+@pytest.mark.parametrize("name", sorted(analysis.FIGURES))
+def test_figure_plots_the_known_numbers(name, tmp_path):
+    make_rows, check = CASES[name]
+    runs = runs_of(make_rows())
+    module = analysis.FIGURES[name]
+    assert module.applicable(runs)
+    figure = module.build(runs)
+    png, svg, csv = save(figure, tmp_path)
+    assert [p.name for p in (png, svg, csv)] == [f"{name}.png", f"{name}.svg", f"{name}.csv"]
+    assert png.stat().st_size > 5000 and png.read_bytes()[:4] == b"\x89PNG"
+    assert svg.stat().st_size > 5000
+    check(pd.read_csv(csv), figure)
+
+
+def test_aggregate_keeps_the_best_trial_on_validation_per_point_and_seed():
+    rows = [trial(7, 0.5, 0.5, pad_size=8, extra={"selected_val_acc": 0.9}),  # chosen: best val
+            trial(7, 0.8, 0.8, pad_size=8, extra={"selected_val_acc": 0.1}),  # best test: not chosen
+            trial(9, 0.6, 0.6, pad_size=8)]
+    table = aggregate(runs_of(rows).trials, ["config.pad_size"],
+                      {"acc": ("selected_test_acc_prompt", 100.0)})
+    assert close(table.loc[0, "acc_mean"], 55) and table.loc[0, "acc_n"] == 2
+    assert (table.loc[0, "trials"], table.loc[0, "ok"]) == (3, 2)
+
+
+def test_a_trial_that_never_ended_counts_as_missing():
+    table = aggregate(runs_of([trial(7, 0.5, 0.5), trial(9, state="missing")]).trials,
+                      ["config.pad_size"], {"acc": ("selected_test_acc_prompt", 1.0)})
+    assert (table.loc[0, "ok"], table.loc[0, "missing"]) == (1, 1)
+
+
+def test_noise_note_says_when_differences_are_within_seed_noise():
+    table = pd.DataFrame({"x": [1, 2], "a_mean": [80.0, 78.0], "a_std": [2.0, 1.0], "a_n": [3, 3]})
+    assert "within seed noise" in noise_note(table, "a", lambda r: f"x{r['x']}", "A")
+    table["a_std"] = [0.5, 0.5]
+    note = noise_note(table, "a", lambda r: f"x{r['x']}", "A")
+    assert note.startswith("A: x1 (80.0 ± 0.5%) is above x2 beyond seed noise")
+
+
+def test_missing_config_fields_get_config_defaults_but_explicit_none_stays():
+    trials = complete_config(pd.DataFrame([{"config.prompt": "none", "config.train_subset": None},
+                                           {"config.prompt": None, "config.train_subset": None}]))
+    assert list(trials["config.prompt"]) == ["none", "pad"]  # the export leaves defaults out
+    assert list(trials["config.method"]) == ["vpns", "vpns"]
+    assert trials["config.train_subset"].isna().all()  # may be an explicit None: never filled
+
+
+def write_parquet(rows, folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    pq.write_table(pa.Table.from_pylist([{k: row.get(k) for k in keys} for row in rows]),
+                   folder / "trials.parquet")
+    pq.write_table(pa.Table.from_pylist([{"sweep": "syn-sweep", "phase": "trials", "trial_id": r["trial_id"],
+                                          "epoch": 1} for r in rows]), folder / "epochs.parquet")
+    return folder / "trials.parquet", folder / "epochs.parquet"
+
+
+def test_sweep_hook_writes_table_figure_report_and_a_closing_note(tmp_path):
+    trials, epochs = write_parquet(pad_rows(), tmp_path / "sweep")
+    (tmp_path / "sweep" / "sweep.json").write_text(json.dumps({"args": {"tracking_uri": None}}))
+    notes = []
+    paths = analysis.sweep_figure("ablation_pad", [{"pad": "none", "done": 3}], trials, epochs,
+                                  tmp_path / "sweep", echo=notes.append)
+    names = {p.relative_to(tmp_path / "sweep").as_posix() for p in paths}
+    assert names == {"ablation_pad_table.csv", "figures/pad_size.png", "figures/pad_size.svg",
+                     "figures/pad_size.csv", "report.html"}
+    assert all(p.stat().st_size > 0 for p in paths)
+    (note,) = notes
+    assert f"figure pad_size: {tmp_path / 'sweep' / 'figures' / 'pad_size.png'}" in note
+    assert "pad width 8: tested with prompt 71.00 ± 1.41%" in note and "[2/3 seeds]" in note
+    page = (tmp_path / "sweep" / "report.html").read_text()
+    assert "Pad-size ablation" in page and "data:image/png;base64," in page
+    assert "Failed trials" in page and "mask_file: file not found" in page
+
+
+def test_points_where_every_seed_failed_are_drawn_as_failed(tmp_path):
+    rows = [trial(7, state="failed", pad_size=8), trial(9, state="failed", pad_size=16)]
+    trials, epochs = write_parquet(rows, tmp_path / "sweep")
+    paths = analysis.sweep_figure("ablation_pad", [], trials, epochs, tmp_path / "sweep", echo=None)
+    assert (tmp_path / "sweep" / "ablation_pad_table.csv") in paths
+    table = pd.read_csv(tmp_path / "sweep" / "figures" / "pad_size.csv")
+    assert list(table["failed"]) == [1, 1] and list(table["ok"]) == [0, 0]  # drawn as failed points
+
+
+def test_cli_rebuilds_one_figure_from_the_parquet_export(tmp_path, capsys):
+    trials, _ = write_parquet(prompt_rows(), tmp_path / "sweep")
+    assert cli.main(["prompt_type", "--trials", str(trials), "--out", str(tmp_path / "out")]) == 0
+    table = pd.read_csv(tmp_path / "out" / "prompt_type.csv")
+    assert close(by(table, config__prompt="random")["test_prompt_pct_mean"], 51)
+    assert (tmp_path / "out" / "prompt_type.png").stat().st_size > 0
+    assert "figure prompt_type:" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["no_such_figure", "--trials", str(trials)])
+
+
+def test_read_parquet_reads_the_export(tmp_path):
+    trials, _ = write_parquet(pad_rows(), tmp_path)
+    runs = read_parquet(trials)
+    assert len(runs.trials) == 8 and len(runs.epochs) == 8
+    assert (runs.script, runs.preset, runs.sweep) == ("ablation_pad", "tiny", "syn-sweep")
+
+
+def test_sweep_hook_never_raises_on_an_empty_sweep(tmp_path):
+    folder = tmp_path / "sweep"
+    folder.mkdir()
+    pq.write_table(pa.Table.from_pylist([]), folder / "trials.parquet")
+    pq.write_table(pa.Table.from_pylist([]), folder / "epochs.parquet")
+    paths = analysis.sweep_figure("ablation_pad", [], folder / "trials.parquet",
+                                  folder / "epochs.parquet", folder, echo=None)
+    assert paths[0] == folder / "ablation_pad_table.csv" and paths[0].is_file()
+
+
+def test_cli_names_a_missing_mlflow_store_and_does_not_create_one(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'none.db'}"
+    assert cli.main(["pad_size", "--experiment", "ablation_pad", "--tracking-uri", uri]) == 2
+    assert "no MLflow database" in capsys.readouterr().err and not (tmp_path / "none.db").exists()

@@ -1,0 +1,54 @@
+"""Search spaces are data: every module gives valid configs for every preset (no Ray needed)."""
+import importlib
+import pkgutil
+
+import pytest
+from ray.tune.search.sample import Domain
+
+import search_spaces
+from search_spaces import method
+from sweeps.common import check_points, driver_config, parse_overrides, point_configs, resolve
+from vpns_core.config import Config
+from vpns_core.methods import METHODS
+
+MODULES = sorted(info.name for info in pkgutil.iter_modules(search_spaces.__path__)
+                 if hasattr(importlib.import_module(f"search_spaces.{info.name}"), "space"))
+
+
+@pytest.mark.parametrize("preset", search_spaces.PRESETS)
+@pytest.mark.parametrize("name", MODULES)
+def test_every_space_gives_valid_configs(name, preset):
+    module = importlib.import_module(f"search_spaces.{name}")
+    base, axes = module.base(preset), module.space(preset)
+    assert axes, "a space needs at least one axis"
+    for key, values in axes.items():
+        assert isinstance(values, (list, dict, Domain)), key
+    check_points(base, axes)  # raises ConfigError naming the field
+    assert base == module.base(preset)  # a fresh copy every call
+
+
+def test_methods_axis_follows_the_registry():
+    assert set(method.pruning_methods()) | set(method.reference_methods()) == set(METHODS.names())
+    assert "dense" in method.reference_methods() and "vpns" in method.pruning_methods()
+
+
+def test_named_points_resolve_to_config_fields():
+    from search_spaces import pad_size
+    axes = pad_size.space("default")
+    assert axes["pad"]["none"] == {"prompt": "none", "pad_size": 0}
+    configs = point_configs(pad_size.base("default"), axes, {"pad": axes["pad"]})
+    assert [c["pad_size"] for c in configs] == [0, 4, 8, 12, 16, 24]
+    assert resolve({"pad": 8, "seed": 7}, {"pad": axes["pad"]}) == {"pad_size": 8, "seed": 7}
+    assert Config.from_dict(configs[0]).prompt == "none"
+
+
+def test_overrides_parse_python_literals():
+    assert parse_overrides(["train_subset=500", "data_root=none", "prompt=fix", "sparsity=0.5"]) == {
+        "train_subset": 500, "data_root": None, "prompt": "fix", "sparsity": 0.5}
+    with pytest.raises(SystemExit, match="not_a_field"):
+        parse_overrides(["not_a_field=1"])
+
+
+def test_a_cpu_driver_accepts_gpu_trials():
+    """The head node validates every point, but CUDA is checked where the trial runs."""
+    assert driver_config({**search_spaces.base.base("tiny"), "device": "cuda"}).total_epochs == 2

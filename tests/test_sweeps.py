@@ -1,0 +1,121 @@
+"""Sweeps end to end on the tiny preset: one Ray session for the module, tiny trials (seconds)."""
+import importlib
+import pkgutil
+
+import pyarrow.parquet as pq
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+
+import sweeps
+from search_spaces import base as presets
+from sweeps import common
+
+SCRIPTS = sorted(info.name for info in pkgutil.iter_modules(sweeps.__path__)
+                 if info.name not in ("common", "prepare"))
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tracking(tmp_path_factory):
+    """One MLflow database for the module (creating one costs seconds)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+
+
+def flags(tmp_path, tracking, *extra):
+    return ["--preset", "tiny", "--storage-path", str(tmp_path / "sweeps"), "--tracking-uri",
+            tracking, "--max-concurrent", "2", *extra]
+
+
+def sweep_dir(tmp_path):
+    (folder,) = (tmp_path / "sweeps").iterdir()
+    return folder
+
+
+def trial_runs(tracking, sweep):
+    client = MlflowClient(tracking)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string=f"tags.sweep = '{sweep}' and tags.role = 'trial'")
+    return {run.data.tags["trial_id"]: run for run in runs}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_sweep_script_runs_on_the_tiny_preset(script, tmp_path, tracking, ray_session):
+    module = importlib.import_module(f"sweeps.{script}")
+    assert module.main(flags(tmp_path, tracking, "--num-samples", "1")) == 0
+    folder = sweep_dir(tmp_path)
+    trials = pq.read_table(folder / "trials.parquet").to_pylist()
+    epochs = pq.read_table(folder / "epochs.parquet").to_pylist()
+    assert trials and all(t["status"] == "TERMINATED" for t in trials)
+    assert all(t["finished"] or t["early_stopped"] for t in trials)
+    assert {e["trial_id"] for e in epochs} == {t["trial_id"] for t in trials}
+    runs = trial_runs(tracking, folder.name)
+    assert set(runs) == {t["trial_id"] for t in trials}  # one MLflow run per trial
+    assert {t["mlflow_run_id"] for t in trials} == {r.info.run_id for r in runs.values()}
+    assert all(r.info.status == "FINISHED" for r in runs.values())
+    assert (folder / f"{script}_table.csv").is_file()
+
+
+def test_mlflow_run_holds_params_epoch_metrics_and_artifacts(tmp_path, tracking, ray_session):
+    from sweeps import ablation_pad
+    assert ablation_pad.main(flags(tmp_path, tracking, "--log-model")) == 0
+    runs = trial_runs(tracking, sweep_dir(tmp_path).name)
+    client = MlflowClient(tracking)
+    for run in runs.values():
+        tags, params = run.data.tags, run.data.params
+        assert {"method", "prompt", "dataset", "model", "preset", "mlflow.source.git.commit",
+                "mlflow.parentRunId"} <= set(tags)
+        assert params["model"] == "tiny_resnet" and params["sparsity"] == "0.8"
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "test_acc")] == [1, 2]
+        assert "selected_test_acc" in run.data.metrics
+        names = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"layer_stats.json", "layer_stats.csv", "model"} <= names
+        assert ("prompt.png" in names) == (params["prompt"] != "none")
+
+
+def test_optuna_and_asha_stop_trials_early(tmp_path, tracking, ray_session):
+    from sweeps import learning_rates
+    # The tiny trials stay near chance, where 32 validation images tie; the training loss doesn't.
+    rc = learning_rates.main(flags(tmp_path, tracking, "--num-samples", "8", "--set", "mask_epochs=2",
+                                   "--set", "tune_epochs=2", "--set", "tune_lr=0.01",
+                                   "--metric", "train_loss", "--mode", "min"))
+    assert rc == 0
+    trials = pq.read_table(sweep_dir(tmp_path) / "trials.parquet").to_pylist()
+    assert len(trials) == 8
+    assert len({t["config.mask_lr"] for t in trials}) == 8  # sampled by Optuna
+    assert {t["config.tune_lr"] for t in trials} == {0.01}  # --set fixes an axis
+    stopped = [t for t in trials if t["early_stopped"]]
+    assert stopped, "ASHA stopped no trial"
+    assert all(t["epochs_done"] < 4 for t in stopped)
+    assert all(t["epochs_done"] == 4 for t in trials if t["finished"])
+    runs = trial_runs(tracking, sweep_dir(tmp_path).name)
+    assert {runs[t["trial_id"]].data.tags["early_stopped"] for t in stopped} == {"true"}
+
+
+def test_a_failing_trial_is_retried_marked_failed_and_the_sweep_finishes(tmp_path, tracking, ray_session):
+    broken = tmp_path / "not_a_mask.pt"
+    broken.write_text("not a checkpoint")
+
+    def plan(sweep):
+        sweep.run_phase("trials", presets.base("tiny"),
+                        {"case": {"ok": {}, "broken": {"mask_file": str(broken)}}})
+
+    rc = common.run_sweep("test_failures", plan,
+                          flags(tmp_path, tracking, "--max-failures", "1"), search="grid", scheduler="fifo")
+    assert rc == 1  # some trial failed; table and export are written all the same
+    folder = sweep_dir(tmp_path)
+    trials = {t["axis.case"]: t for t in pq.read_table(folder / "trials.parquet").to_pylist()}
+    assert trials["ok"]["finished"] and trials["ok"]["status"] == "TERMINATED"
+    assert trials["broken"]["status"] == "ERROR" and "mask_file" in trials["broken"]["error"]
+    assert trials["broken"]["num_failures"] == 2  # the first attempt and one retry
+    runs = trial_runs(tracking, folder.name)
+    assert len(runs) == 2  # the retry reused its run
+    failed = runs[trials["broken"]["trial_id"]]
+    assert failed.info.status == "FAILED" and "mask_file" in failed.data.tags["error"]
+    assert (folder / "test_failures_table.csv").read_text().count("\n") == 3

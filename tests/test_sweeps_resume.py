@@ -1,0 +1,101 @@
+"""A sweep killed with SIGKILL (driver, Ray and trials at once) finishes with ``--resume``
+without re-running finished trials or duplicating MLflow runs."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from mlflow.tracking import MlflowClient
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _group_pids(pgid: int) -> list[int]:
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # fields after "(comm)": state, ppid, pgrp, ...
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the sweep's whole process group (its Ray processes too), like losing the machine."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 30
+    while _group_pids(proc.pid) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _group_pids(proc.pid), "processes of the killed sweep survived"
+
+
+def _runs(tracking: str, sweep: str) -> dict:
+    client = MlflowClient(tracking)
+    experiment = client.get_experiment_by_name("ablation_pad")
+    if experiment is None:
+        return {}
+    runs = client.search_runs([experiment.experiment_id],
+                              filter_string=f"tags.sweep = '{sweep}' and tags.role = 'trial'")
+    return {run.data.tags["trial_id"]: run for run in runs}
+
+
+@pytest.mark.slow
+def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    command = [sys.executable, str(ROOT / "sweeps" / "ablation_pad.py"), "--preset", "tiny",
+               "--storage-path", str(tmp_path / "sweeps"), "--tracking-uri", tracking,
+               "--name", "killed", "--max-concurrent", "1", "--cpus-per-trial", "1",
+               "--seeds", "1", "2", "--set", "mask_epochs=2", "--set", "tune_epochs=2",
+               "--set", "train_subset=384"]
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                start_new_session=True)
+        deadline = time.time() + 300
+        while True:
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.time() < deadline, "no trial finished in time"
+            # read MLflow only once the sweep has set up its database (no concurrent migrations)
+            ready = "grid search" in (tmp_path / "first.log").read_text()
+            runs = _runs(tracking, "killed") if ready else {}
+            done = [r for r in runs.values() if r.info.status == "FINISHED"]
+            mid = [r for r in runs.values() if r.info.status == "RUNNING"
+                   and r.data.metrics.get("epoch", 0) >= 1]
+            if done and mid:
+                break
+            time.sleep(0.1)
+        _kill_group(proc)
+
+    trials_dir = tmp_path / "sweeps" / "killed" / "trials"
+    before = _runs(tracking, "killed")
+    finished = {tid: run for tid, run in before.items() if run.info.status == "FINISHED"}
+    interrupted = {tid: run for tid, run in before.items() if run.info.status == "RUNNING"}
+    results = {tid: (trials_dir / f"trial_{tid}" / "result.json").read_bytes() for tid in finished}
+    assert finished and interrupted
+
+    resumed = subprocess.run([*command, "--resume", "killed"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+
+    after = _runs(tracking, "killed")
+    trials = pq.read_table(tmp_path / "sweeps" / "killed" / "trials.parquet").to_pylist()
+    assert len(trials) == 4 and all(t["finished"] for t in trials)
+    assert set(after) == {t["trial_id"] for t in trials}  # one run per trial, no duplicates
+    for tid, run in finished.items():  # not re-run: same run, same end, same Tune results
+        assert after[tid].info.run_id == run.info.run_id
+        assert after[tid].info.end_time == run.info.end_time
+        assert (trials_dir / f"trial_{tid}" / "result.json").read_bytes() == results[tid]
+    client = MlflowClient(tracking)
+    for tid, run in interrupted.items():  # continued in the same run, each epoch logged once
+        assert after[tid].info.run_id == run.info.run_id and after[tid].info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "test_acc")]
+        assert steps == [1, 2, 3, 4]
+    parent = client.search_runs([after[next(iter(after))].info.experiment_id],
+                                filter_string="tags.sweep = 'killed' and tags.role = 'parent'")
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"

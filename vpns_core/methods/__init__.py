@@ -1,0 +1,17 @@
+"""Pruning methods, registered by name in ``METHODS``; :mod:`vpns_core.train` owns the one loop.
+
+Each module holds one method (and its "VPNs w. X" variant where the paper has one):
+
+- ``score``: ``vpns`` (prompt + learned scores), ``hydra`` (the same without prompt)
+- ``dense``: ``dense`` fine-tuning (reference line)
+- ``random_mask``: ``random``, ``vpns_random``; ``magnitude``: ``omp``, ``vpns_omp``
+- ``lottery``: ``lth`` (IMP with rewinding), ``vpns_lth``
+- ``snip``, ``grasp``, ``synflow``: pruning at the pretrained weights, then fine-tuning
+- ``bip``: bi-level pruning
+"""
+from .base import METHODS, POST_PROMPTS, Method, PruneThenTrain, register, with_prompt
+from . import bip, dense, grasp, lottery, magnitude, random_mask, score, snip, synflow  # noqa: F401  (registers)
+from .score import Hydra, ScoreMethod, VPNs
+
+__all__ = ["METHODS", "POST_PROMPTS", "Method", "PruneThenTrain", "ScoreMethod", "VPNs", "Hydra",
+           "register", "with_prompt"]

@@ -1,0 +1,110 @@
+"""The :class:`Method` interface and the ``METHODS`` registry.
+
+A method answers *which weights* (an importance → mask, or learned scores) and *when* (once,
+iteratively, learned); :class:`vpns_core.train.Trial` owns the one training loop. ``run(trial)``
+calls the trial's stages (``trial.run_stage`` / ``trial.run_tune_stage``) and untrained steps
+(``trial.run_once``); ``stages(cfg)`` lists the training stages it will run, with their epochs.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..registry import Registry
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import Config
+    from ..train import Trial
+
+METHODS: Registry["Method"] = Registry("method")
+POST_PROMPTS = ("none", "zero_shot", "fine_tune")
+
+
+def register(cls: type["Method"]) -> type["Method"]:
+    """Class decorator: register one instance of ``cls`` under ``cls.name``."""
+    METHODS.add(cls.name, cls())
+    return cls
+
+
+class Method:
+    """Base: a pruning method plugged into the single training loop.
+
+    Prompt use: a method with ``uses_prompt`` follows ``cfg.vp_stages`` (VPNs and "VPNs w. X");
+    a plain pruner uses no prompt, unless ``cfg.post_prompt`` adds one after pruning (the pilot
+    study: ``zero_shot`` learns only the prompt on the frozen sparse model, ``fine_tune`` learns
+    it while fine-tuning the weights).
+    """
+
+    name = "base"
+    #: whether the method removes weights (False for ``dense``)
+    prunes = True
+    #: whether the method's own pipeline trains the visual prompt (per ``cfg.vp_stages``)
+    uses_prompt = False
+    #: whether the trial must keep a copy of the pretrained state (weight rewinding)
+    rewinds = False
+
+    def vp_stages(self, cfg: "Config") -> str:
+        """Stages in which the visual prompt is used (``both``, ``mask``, ``tune``, ``none``)."""
+        if self.uses_prompt:
+            return cfg.vp_stages
+        return "none" if cfg.post_prompt == "none" else "tune"
+
+    def stages(self, cfg: "Config") -> list[tuple[str, int]]:
+        """The training stages ``run`` calls, in order, with their epochs."""
+        return [("tune", cfg.tune_epochs)]
+
+    def validate(self, cfg: "Config") -> None:
+        """Method-specific config checks; raise ``ConfigError`` naming the field."""
+        from ..config import ConfigError
+        if cfg.post_prompt != "none":
+            if self.uses_prompt or not self.prunes:
+                raise ConfigError(f"post_prompt: only for pruners without their own prompt "
+                                  f"(not '{self.name}'); got {cfg.post_prompt!r}")
+            if cfg.prompt == "none":
+                raise ConfigError(f"post_prompt: needs a prompt type, not prompt='none' "
+                                  f"(got {cfg.post_prompt!r})")
+        if cfg.mask_file is not None and not self.prunes:
+            raise ConfigError(f"mask_file: method '{self.name}' does not prune (got {cfg.mask_file!r})")
+
+    def run(self, trial: "Trial") -> None:
+        raise NotImplementedError
+
+    def transfer(self, trial: "Trial") -> None:
+        """Fine-tune the mask of ``cfg.mask_file`` (found by any method, on any task) instead of
+        finding one: the same tune stage as after this method's own pruning, prompt included."""
+        if trial.net.mode != "fixed":
+            trial.net.fix(trial.mask_file_masks)
+        trial.run_tune_stage()
+
+
+class PruneThenTrain(Method):
+    """Score once at the pretrained weights, keep the top-k (``cfg.allocation``), fine-tune.
+
+    Subclasses give ``importance(trial)``: one tensor per prunable layer, the weight's shape,
+    larger = keep. The fine-tuning stage is SGD + cosine on weights (and prompt where used).
+    """
+
+    def vp_stages(self, cfg: "Config") -> str:
+        stages = super().vp_stages(cfg)
+        return {"both": "tune", "mask": "none"}.get(stages, stages)  # no mask-finding training
+
+    def importance(self, trial: "Trial") -> list:
+        raise NotImplementedError
+
+    def prune(self, trial: "Trial") -> None:
+        trial.net.fix(trial.net.top_k_masks(self.importance(trial)))
+
+    def run(self, trial: "Trial") -> None:
+        trial.run_once("prune", lambda: self.prune(trial))
+        trial.run_tune_stage()
+
+
+def with_prompt(cls: type[Method]) -> type[Method]:
+    """"VPNs w. X": a subclass of pruner ``X`` named ``vpns_<X>`` whose pipeline co-trains the
+    visual prompt wherever it trains (``cfg.vp_stages``; fine-tuning for one-shot pruners, every
+    round and the fine-tuning for LTH). Registered by the caller."""
+    return type(f"VPNsWith{cls.__name__}", (cls,), {
+        "name": f"vpns_{cls.name}", "uses_prompt": True,
+        "__doc__": f"VPNs w. {cls.name}: {cls.name} with the visual prompt co-trained "
+                   f"(``cfg.vp_stages``).\n\n" + (cls.__doc__ or ""),
+        "__module__": cls.__module__,
+    })

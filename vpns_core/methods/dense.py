@@ -1,0 +1,21 @@
+"""Dense fine-tuning: the unpruned reference line of the sparsity curves."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .base import Method, register
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..train import Trial
+
+
+@register
+class Dense(Method):
+    """Dense fine-tuning of the whole pretrained model (with the prompt if VP is on in tuning)."""
+
+    name = "dense"
+    prunes = False
+    uses_prompt = True
+
+    def run(self, trial: "Trial") -> None:
+        trial.run_tune_stage()

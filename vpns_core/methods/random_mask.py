@@ -1,0 +1,31 @@
+"""Random pruning: a uniformly random mask at the target sparsity, then fine-tuning."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from .base import PruneThenTrain, register, with_prompt
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..train import Trial
+
+
+@register
+class RandomPruning(PruneThenTrain):
+    """Random mask: i.i.d. uniform importance, top-k under ``cfg.allocation``.
+
+    ``allocation="layerwise"`` removes exactly the same fraction of every layer; ``"global"`` picks
+    ``global_keep`` weights uniformly among all prunable weights (each layer keeps ≈ 1 − s);
+    ``"erk"`` draws uniformly inside each layer's ERK budget. Drawn from a generator seeded with
+    ``cfg.seed`` alone, so the mask is reproducible by seed. Fine-tuned with SGD + cosine.
+    """
+
+    name = "random"
+
+    def importance(self, trial: "Trial") -> list[torch.Tensor]:
+        gen = torch.Generator().manual_seed(trial.cfg.seed)
+        return [torch.rand(m.weight.shape, generator=gen) for _, m in trial.net.layers]
+
+
+register(with_prompt(RandomPruning))

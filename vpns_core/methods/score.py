@@ -1,0 +1,52 @@
+"""Learned scores with a straight-through top-k: VPNs and HYDRA (VPNs with the prompt off)."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .base import Method, register
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import Config
+    from ..train import Trial
+
+
+class ScoreMethod(Method):
+    """Learned scores with a straight-through top-k (HYDRA), optionally with a visual prompt (VPNs).
+
+    Stage 1 optimises ``min_{m, δ} L(θ_pre ⊙ 1[top-k(|m|)], x + δ)`` with Adam and cosine decay;
+    stage 2 freezes the binarised mask and optimises ``min_{θ, δ} L(θ ⊙ mask, x + δ)`` with SGD
+    (VPNs, Sec. 3.2, Eqs. 3-4).
+    """
+
+    def stages(self, cfg: "Config") -> list[tuple[str, int]]:
+        return [("mask", cfg.mask_epochs), ("tune", cfg.tune_epochs)]
+
+    def run(self, trial: "Trial") -> None:
+        cfg = trial.cfg
+        if trial.stage_pending("mask"):
+            scores = trial.net.attach_scores() if trial.net.mode == "dense" else trial.net.scores()
+            groups = [{"params": scores, "lr": cfg.mask_lr}]
+            groups += trial.head_groups(cfg.mask_lr)
+            if cfg.prompt_in_mask_stage:
+                groups.append({"params": trial.prompt_params(), "lr": cfg.mask_prompt_lr or cfg.mask_lr})
+            trial.run_stage("mask", groups, optimizer="adam", epochs=cfg.mask_epochs,
+                            prompted=cfg.prompt_in_mask_stage)
+        trial.net.fix()
+        trial.run_tune_stage()
+
+
+@register
+class VPNs(ScoreMethod):
+    """VPNs: the prompt co-trained with the scores (stage 1) and with the weights (stage 2)."""
+
+    name = "vpns"
+    uses_prompt = True
+
+
+@register
+class Hydra(ScoreMethod):
+    """HYDRA (Sehwag et al. 2020) = VPNs with the visual prompt off in both stages.
+
+    With ``post_prompt`` a prompt is added after HYDRA's mask finding (the pilot study)."""
+
+    name = "hydra"
