@@ -150,8 +150,6 @@ def trainable(config: dict[str, Any], points: dict[str, dict] | None = None) -> 
     """One vpns trial under Tune: report every epoch with the trial's checkpoint, resume from
     ``tune.get_checkpoint()``, and end with one ``final`` report carrying the selected
     accuracies and the artifacts (masks, layer stats, prompt PNG, exported model)."""
-    from vpns_core.train import run_trial
-
     cfg = Config.from_dict(resolve(config, points))
     # Scratch space outside Tune's trial folder, which Tune copies to storage wholesale; what
     # must survive goes into the reported checkpoints. A leftover of a dead attempt is stale:
@@ -159,6 +157,15 @@ def trainable(config: dict[str, Any], points: dict[str, dict] | None = None) -> 
     scratch = Path(os.environ.get("VPNS_SCRATCH", tempfile.gettempdir())) / "vpns-trials" / \
         tune.get_context().get_trial_id()
     shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        _train(cfg, scratch)
+    finally:  # also when ASHA stops the trial (SystemExit inside tune.report)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _train(cfg: Config, scratch: Path) -> None:
+    from vpns_core.train import run_trial
+
     workdir = scratch / "work"
     workdir.mkdir(parents=True)
     planned = cfg.total_epochs  # ASHA never stops a trial at its last epoch
@@ -186,7 +193,6 @@ def trainable(config: dict[str, Any], points: dict[str, dict] | None = None) -> 
     write_artifacts(cfg, workdir, scratch / "final", final)
     shutil.rmtree(workdir)
     _report_final(final, scratch / "final", scratch)
-    shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _report_final(metrics: dict[str, Any], folder: Path, scratch: Path) -> None:
@@ -716,9 +722,9 @@ def result_table(phase: Phase) -> list[dict[str, Any]]:
 
 def best_record(phase: Phase) -> dict[str, Any] | None:
     """The finished trial with the highest selected validation accuracy (never the test set)."""
-    done = [r for r in phase.records if r["final"] is not None]
+    done = sorted((r for r in phase.records if r["final"] is not None), key=lambda r: r["trial_id"])
     return max(done, key=lambda r: r["final"].get("selected_val_acc", r["final"].get(METRIC, -1)),
-               default=None)
+               default=None)  # ties: the first trial Tune created
 
 
 def print_table(sweep: Sweep, rows: list[dict[str, Any]]) -> None:

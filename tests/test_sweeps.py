@@ -1,6 +1,8 @@
 """Sweeps end to end on the tiny preset: one Ray session for the module, tiny trials (seconds)."""
 import importlib
 import pkgutil
+import tempfile
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -96,6 +98,8 @@ def test_optuna_and_asha_stop_trials_early(tmp_path, tracking, ray_session):
     assert all(t["epochs_done"] == 4 for t in trials if t["finished"])
     runs = trial_runs(tracking, sweep_dir(tmp_path).name)
     assert {runs[t["trial_id"]].data.tags["early_stopped"] for t in stopped} == {"true"}
+    scratch = Path(tempfile.gettempdir()) / "vpns-trials"
+    assert not [t for t in trials if (scratch / t["trial_id"]).exists()]  # stopped ones cleaned up
 
 
 def test_a_failing_trial_is_retried_marked_failed_and_the_sweep_finishes(tmp_path, tracking, ray_session):
