@@ -272,6 +272,7 @@ class _RunState:
     last_epoch: int = 0
     final: bool = False
     artifacts: bool = False
+    closed: bool = False  # FINISHED with its final metrics: a re-reported end leaves it alone
 
 
 class MLflowTracker(tune.Callback):
@@ -315,10 +316,11 @@ class MLflowTracker(tune.Callback):
             filter_string=f"tags.trial_id = '{trial.trial_id}' and tags.sweep = '{self.tags['sweep']}'")
         if found:
             run = found[0]
-            state = _RunState(run.info.run_id, int(run.data.metrics.get("epoch", 0)),
-                              "selected_val_acc" in run.data.metrics or "final_epoch" in run.data.metrics,
-                              run.data.tags.get("artifacts") == "logged")
-            if run.info.status != "RUNNING":
+            final = "final_epoch" in run.data.metrics
+            state = _RunState(run.info.run_id, int(run.data.metrics.get("epoch", 0)), final,
+                              run.data.tags.get("artifacts") == "logged",
+                              closed=final and run.info.status == "FINISHED")
+            if run.info.status != "RUNNING" and not state.closed:
                 self.client.update_run(state.run_id, status="RUNNING")
         else:
             state = _RunState(self._create(trial))
@@ -386,6 +388,8 @@ class MLflowTracker(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         state = self._run(trial)
+        if state.closed:  # finished before the driver died; Tune only saw its end again
+            return
         self.client.set_tag(state.run_id, "early_stopped", str(not state.final).lower())
         self.client.set_terminated(state.run_id, status="FINISHED")
 
