@@ -1,17 +1,21 @@
 """Structured (channel) pruning: accuracy, measured inference speed-up and memory against channel
 sparsity, per method (VPNs at channel level, Network Slimming, DepGraph).
 
-Structured pruning is not in ``vpns_core`` yet. This figure reads the trial columns below (the
-first one present of each list), so a structured method only has to report them in its epoch
-metrics (exported as ``last.<name>``) or as final metrics; the accuracies are the usual ones.
+``sweeps/structured.py`` (phase ``pruned``: channel methods × channel sparsity; phase ``dense``:
+the reference line). Each channel trial reports, as final metrics, its measurements against the
+dense model (:func:`vpns_core.structured.compare`); this figure reads the columns below (the
+first one present of each list); the accuracies are the usual ones.
 """
 from __future__ import annotations
 
 from .plotting import (ACCURACY, ACCURACY_NOTE, Figure, Line, Panel, context, draw,
                        has, marker_note, status_note)
 from .runs import Runs, aggregate
-from .sparsity_curves import METHOD_ORDER, method_name
+from .sparsity_curves import METHOD_NAMES, METHOD_ORDER, dense_refs, split
 
+CHANNEL_ORDER = ("vpns_structured", "slim", "depgraph", *METHOD_ORDER)
+CHANNEL_NAMES = {**METHOD_NAMES, "vpns_structured": "VPNs (channels)", "slim": "Network Slimming",
+                 "depgraph": "DepGraph"}
 NAME = "structured"
 TITLE = "Structured (channel) pruning"
 COLUMNS = {"speedup": ("speedup", "last.speedup", "last.inference_speedup"),
@@ -32,13 +36,19 @@ def applicable(runs: Runs) -> bool:
     return _column(runs, "speedup") is not None
 
 
+def method_name(method: str) -> str:
+    return CHANNEL_NAMES.get(method, method)
+
+
 def build(runs: Runs) -> Figure:
-    trials = runs.trials
+    trials, dense = split(runs)
     metrics = {**{k: v for k, v in ACCURACY.items() if k.startswith("test_")},
                **{name: (_column(runs, name), 1.0) for name in COLUMNS if _column(runs, name)}}
     table = aggregate(trials, ["config.method", "config.sparsity"], metrics)
     table["sparsity_pct"] = 100 * table["config.sparsity"]
+    _, refs = dense_refs(dense, {k: v for k, v in ACCURACY.items() if k.startswith("test_")}, False)
     caption = [f"{context(runs, trials, sparsity=False)}.", ACCURACY_NOTE,
+               "Dense fine-tuning: dotted line (± std band)." if refs else "Dense reference not run.",
                "Speed-up and memory are measured on the pruned network (channels removed) "
                "against the dense model; points: mean over seeds, error bars ± 1 std.",
                status_note(table, lambda r: f"{method_name(r['config.method'])} at "
@@ -46,6 +56,6 @@ def build(runs: Runs) -> Figure:
     panels = [p for p in PANELS if has(table, p.lines[0].stem)]
     fig = draw(table, x="sparsity_pct", panels=panels, xlabel="channel sparsity (%)",
                title=f"{TITLE}\n{context(runs, trials, sparsity=False)}", caption=caption,
-               series="config.method", series_order=METHOD_ORDER, series_label=method_name,
-               tick_label=lambda v: f"{v:g}")
+               series="config.method", series_order=CHANNEL_ORDER, series_label=method_name,
+               tick_label=lambda v: f"{v:g}", refs=refs)
     return Figure(NAME, TITLE, fig, table, caption)

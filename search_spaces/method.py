@@ -7,8 +7,15 @@ from search_spaces import base as _base
 
 
 def pruning_methods() -> list[str]:
-    """Every registered method that removes weights (``dense`` is the reference line)."""
-    return [name for name in METHODS.names() if METHODS.get(name).prunes]
+    """Every registered method that removes weights (``dense`` is the reference line; channel
+    methods have their own sweep, :func:`channel_methods`)."""
+    return [name for name in METHODS.names()
+            if METHODS.get(name).prunes and not METHODS.get(name).structured]
+
+
+def channel_methods() -> list[str]:
+    """Every registered method that removes whole channels (``sweeps/structured.py``)."""
+    return [name for name in METHODS.names() if METHODS.get(name).structured]
 
 
 def reference_methods() -> list[str]:

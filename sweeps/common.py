@@ -258,7 +258,11 @@ _TUNE_KEYS = {"timestamp", "time_this_iter_s", "time_total_s", "training_iterati
               "hostname", "node_ip", "date", "time_since_restore", "iterations_since_restore",
               "checkpoint_dir_name", "done", "trial_id", "experiment_tag", "should_checkpoint",
               "final", "planned_epochs"}
-_FINAL_PREFIXES = ("selected_", "mask_stage_", "prompt_tunable")
+# Final-report keys kept as trial columns and MLflow metrics: the selected model's accuracies,
+# and for channel methods the dense-vs-pruned measurements (vpns_core.structured.compare).
+_FINAL_PREFIXES = ("selected_", "mask_stage_", "prompt_tunable", "dense_", "pruned_", "speedup",
+                   "memory_", "flops_", "params_ratio", "train_speedup", "train_memory_ratio",
+                   "removal_max_abs_diff")
 
 
 def _numeric(metrics: dict[str, Any]) -> dict[str, float]:

@@ -217,15 +217,21 @@ def check_pilot(table, figure):
 
 
 def structured_rows():
-    return [trial(seed, 0.8 - s / 2, 0.7 - s / 2, script="structured", method=method, sparsity=s,
-                  extra={"last.speedup": 1 + s * (2 if method == "vpns" else 1), "last.memory_mb": 100 * (1 - s)})
-            for method in ("vpns", "hydra") for s in (0.3, 0.6) for seed in (7, 9)]
+    rows = [trial(seed, 0.8 - s / 2, 0.7 - s / 2, script="structured", method=method, sparsity=s,
+                  extra={"speedup": 1 + s * (2 if method == "vpns_structured" else 1),
+                         "memory_mb": 100 * (1 - s), "flops_g": 0.2 * (1 - s)})
+            for method in ("vpns_structured", "slim") for s in (0.3, 0.6) for seed in (7, 9)]
+    return rows + [trial(seed, 0.9, 0.85, script="structured", method="dense", sparsity=0.9)
+                   for seed in (7, 9)]
 
 
 def check_structured(table, figure):
-    row = by(table, config__method="vpns", config__sparsity=0.6)
+    row = by(table, config__method="vpns_structured", config__sparsity=0.6)
     assert close(row["speedup_mean"], 2.2) and close(row["memory_mb_mean"], 40)
+    assert close(row["flops_g_mean"], 0.08)
     assert close(row["test_prompt_pct_mean"], 50)
+    assert "dense" not in set(table["config.method"])  # the dense trials draw the reference line
+    assert any("Dense fine-tuning" in line for line in figure.caption)
 
 
 def lr_rows():

@@ -28,8 +28,15 @@ def test_every_space_gives_valid_configs(name, preset):
 
 
 def test_methods_axis_follows_the_registry():
-    assert set(method.pruning_methods()) | set(method.reference_methods()) == set(METHODS.names())
+    every = set(method.pruning_methods()) | set(method.reference_methods()) | set(method.channel_methods())
+    assert every == set(METHODS.names())
     assert "dense" in method.reference_methods() and "vpns" in method.pruning_methods()
+    assert set(method.channel_methods()) == {"vpns_structured", "slim", "depgraph"}
+    assert not set(method.channel_methods()) & set(method.pruning_methods())
+    from search_spaces import structured
+    points = structured.space("default")["channel_method"]
+    assert set(points) == set(method.channel_methods())
+    assert all(p["method"] == name for name, p in points.items())
 
 
 def test_named_points_resolve_to_config_fields():

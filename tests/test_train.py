@@ -37,7 +37,9 @@ def test_every_method_runs_and_reports(method, tmp_path):
             assert math.isfinite(m[key]), key
         assert 0 <= m["test_acc"] <= 1
     expected = 0.0 if method == "dense" else 0.8
-    assert seen[-1]["sparsity"] == pytest.approx(expected, abs=1e-4)
+    # channel methods remove whole channels: within one channel of the target in each group (≥ 16)
+    tolerance = 1 / 16 if METHODS.get(method).structured else 1e-4
+    assert seen[-1]["sparsity"] == pytest.approx(expected, abs=tolerance)
     assert result.final["selected_epoch"] >= 1
     assert (tmp_path / "model_export.pt").is_file() and (tmp_path / "masks.pt").is_file()
     bilevel_epochs = sum(m["stage"] == "mask" for m in seen) if method == "bip" else 0  # 2 steps each

@@ -65,6 +65,11 @@ class Config:
     bip_optimizer: str = "adam"         # BiP scores: adam (VPNs paper) | sgd (BiP code, mask_lr 0.1)
     bip_weight_lr: float | None = None  # BiP lower-level SGD step size; None = tune_lr
     bip_implicit_lr: float = 1e-4       # BiP lr2 = 1/γ of the implicit gradient
+    # --- channel methods (vpns_structured, slim, depgraph; sparsity = channel sparsity) -----
+    channel_allocation: str = "layerwise"  # layerwise (same ratio per group) | global
+    warmup_epochs: int = 0              # dense (sparse-regularised) training before pruning
+    channel_reg: float | None = None    # slim / depgraph penalty; None = torch-pruning's default
+    measure_repeats: int = 5            # timed runs of the dense/pruned comparison (0 = skip)
     # --- stage 1: mask finding (scores + prompt, Adam, cosine) ------------------------------
     mask_epochs: int = 2
     mask_lr: float = 0.01
@@ -165,7 +170,8 @@ class Config:
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 fail(name, "must be a positive integer")
         for name in ("pad_size", "mask_epochs", "tune_epochs", "num_workers",
-                     "bn_recalibrate_batches", "seed", "data_seed", "lth_epochs_per_round"):
+                     "bn_recalibrate_batches", "seed", "data_seed", "lth_epochs_per_round",
+                     "warmup_epochs", "measure_repeats"):
             value = getattr(self, name)
             if name == "lth_epochs_per_round" and value is None:
                 continue
@@ -176,6 +182,8 @@ class Config:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and value > 0):
                 fail(name, "must be a positive number")
+        if self.channel_reg is not None and not (isinstance(self.channel_reg, (int, float)) and self.channel_reg >= 0):
+            fail("channel_reg", "must be a non-negative number or None")
         for name in ("weight_decay", "momentum", "bip_implicit_lr"):
             if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) >= 0):
                 fail(name, "must be a non-negative number")
@@ -194,6 +202,7 @@ class Config:
         choice("head", HEADS)
         choice("device", DEVICES)
         choice("allocation", ALLOCATIONS)
+        choice("channel_allocation", ("layerwise", "global"))
         choice("prompt", PROMPTS.names())
         choice("method", METHODS.names())
         choice("post_prompt", POST_PROMPTS)

@@ -317,6 +317,19 @@ def tiny_resnet(pretrained: bool) -> SourceModel:
 _WEIGHTS_CHECKS["tiny_resnet"] = _no_tiny_weights
 
 
+def builder_spec(name: str, num_classes: int) -> dict[str, Any]:
+    """How to build architecture ``name`` (random init) without vpns: ``import module``, call
+    ``call(*args, **kwargs)`` (``scripts/load_pruned.py``). ``tiny_resnet`` lives in vpns."""
+    if name == "efficientnet_lite0":
+        return {"module": "efficientnet_lite_pytorch", "call": "EfficientNet.from_name",
+                "args": ["efficientnet-lite0"], "kwargs": {"image_size": None}}
+    if name == "tiny_resnet":
+        return {"module": "vpns_core.models", "call": "TinyResNet", "args": [],
+                "kwargs": {"num_classes": num_classes}}
+    return {"module": "torchvision.models", "call": "get_model", "args": [name],
+            "kwargs": {"weights": None, "num_classes": num_classes}}
+
+
 # --- layer surgery -------------------------------------------------------------------------
 
 

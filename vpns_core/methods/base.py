@@ -41,6 +41,8 @@ class Method:
     uses_prompt = False
     #: whether the trial must keep a copy of the pretrained state (weight rewinding)
     rewinds = False
+    #: whether it removes whole channels (``vpns_core.structured``; sparsity = channel sparsity)
+    structured = False
 
     def vp_stages(self, cfg: "Config") -> str:
         """Stages in which the visual prompt is used (``both``, ``mask``, ``tune``, ``none``)."""
