@@ -59,3 +59,25 @@ def test_overrides_parse_python_literals():
 def test_a_cpu_driver_accepts_gpu_trials():
     """The head node validates every point, but CUDA is checked where the trial runs."""
     assert driver_config({**search_spaces.base.base("tiny"), "device": "cuda"}).total_epochs == 2
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_every_method_is_reachable_by_name_from_every_space(name):
+    """``--set method=NAME`` fixes the method axis of any sweep: each registered method gives
+    valid configs on every search space's base and grid (channel methods at their limit 0.9)."""
+    module = importlib.import_module(f"search_spaces.{name}")
+    for preset in ("default", "tiny"):
+        base, axes = module.base(preset), module.space(preset)
+        for m in METHODS.names():
+            overrides = parse_overrides([f"method={m}"])
+            fixed = {**base, **overrides}
+            if METHODS.get(m).structured:
+                fixed["sparsity"] = min(fixed.get("sparsity", 0.5), 0.9)
+            free = {k: v for k, v in axes.items() if k not in overrides and k != "channel_method"}
+            free = {k: ([min(x, 0.9) for x in v] if k == "sparsity" and METHODS.get(m).structured else v)
+                    for k, v in free.items()}
+            if name == "transfer" and METHODS.get(m).structured:
+                continue  # transfer fine-tunes weight masks: channel methods refuse mask files
+            check_points(fixed, free)
+            assert driver_config({**fixed, **{k: (v[0] if isinstance(v, list) else v)
+                                              for k, v in free.items() if isinstance(v, list)}}).method == m
