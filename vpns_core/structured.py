@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -364,7 +365,6 @@ class _PeakMemory(torch.utils._python_dispatch.TorchDispatchMode):
                     nbytes = storage.nbytes()
                     self.live += nbytes
                     self.peak = max(self.peak, self.live)
-                    import weakref
                     weakref.finalize(storage, self._free, key, nbytes)
         return out
 
