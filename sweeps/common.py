@@ -23,6 +23,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -410,6 +411,10 @@ class MLflowTracker(tune.Callback):
 
 def _error_text(trial) -> str:
     error = trial.get_pickled_error() or trial.get_error()
+    if error is None and trial.error_file and os.path.isfile(trial.error_file):
+        # Tune writes the error next to the driver first and copies it to storage later: an
+        # on_trial_error callback (no retries left) may run before that copy exists.
+        error = Path(trial.error_file).read_text()
     return str(error) if error is not None else "unknown error"
 
 
@@ -801,8 +806,25 @@ def run_sweep(script: str, plan: Callable[[Sweep], None], argv: list[str] | None
             ray.shutdown()
 
 
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=+-]{0,199}")
+
+
+def sweep_folder(storage: Path, name: str, flag: str = "--name") -> Path:
+    """``storage / name`` for a sweep name given on the command line: one plain path component
+    (letters, digits, ``._=+-``), so a name can never write outside the storage folder."""
+    folder = (storage / name).resolve()
+    if not _NAME.fullmatch(name) or ".." in name or folder.parent != storage.resolve():
+        raise SystemExit(f"{flag} {name!r}: a sweep name is one folder name (letters, digits and "
+                         f"._=+- only, no '..' or path separators), created under {storage}")
+    return folder
+
+
 def _open_sweep(script: str, args: argparse.Namespace) -> Sweep:
     storage = Path(args.storage_path).expanduser().resolve()
+    if args.name is not None:
+        sweep_folder(storage, args.name)
+    if args.resume not in (None, "latest"):
+        sweep_folder(storage, args.resume, "--resume")
     if args.resume:
         name = args.name or (args.resume if args.resume != "latest" else None)
         if name is None:

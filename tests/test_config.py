@@ -1,5 +1,6 @@
 import pytest
 
+from vpns_core.checkpoint import CheckpointError
 from vpns_core.config import Config, ConfigError
 from vpns_core.data import DataUnavailableError
 from vpns_core.models import WeightsUnavailableError
@@ -41,6 +42,22 @@ from vpns_core.registry import UnknownNameError
     ({"bip_optimizer": "rmsprop"}, "bip_optimizer", "adam"),
     ({"bip_weight_lr": -1.0}, "bip_weight_lr", "positive"),
     ({"bip_implicit_lr": -1.0}, "bip_implicit_lr", "non-negative"),
+    ({"pad_size": -1}, "pad_size", "non-negative"),
+    ({"output_size": 0}, "output_size", "positive"),
+    ({"input_size": 0}, "input_size", "positive"),
+    ({"tune_epochs": -2}, "tune_epochs", "non-negative"),
+    ({"num_workers": -1}, "num_workers", "non-negative"),
+    ({"weight_decay": -1e-4}, "weight_decay", "non-negative"),
+    ({"momentum": -0.1}, "momentum", "non-negative"),
+    ({"eval_batch_size": 0}, "eval_batch_size", "positive"),
+    ({"batch_size": True}, "batch_size", "integer"),
+    ({"seed": -1}, "seed", "non-negative"),
+    ({"mask_prompt_lr": 0.0}, "mask_prompt_lr", "positive"),
+    ({"val_fraction": -0.1}, "val_fraction", "[0, 1)"),
+    ({"density_floor": 1.0}, "density_floor", "[0, 1)"),
+    ({"sparsity": "0.9"}, "sparsity", "[0, 1)"),
+    ({"prompt_size": 65}, "prompt_size", "output_size"),
+    ({"tags": "a=b"}, "tags", "dict"),
 ])
 def test_bad_values_name_field_and_allowed(changes, field, hint):
     with pytest.raises(ConfigError) as err:
@@ -81,3 +98,111 @@ def test_stage_plan_and_total_epochs_follow_the_method():
     lth = Config(method="lth", sparsity=0.5, lth_epochs_per_round=1, tune_epochs=2)
     assert [n for n, _ in lth.stage_plan] == ["round0", "round1", "round2", "round3", "tune"]
     assert lth.total_epochs == 4 + 2
+
+
+# --- bad inputs that need files, the environment or the sweep driver: rejected before compute ---
+
+
+class _Evil:
+    """Unpickling it would create ``marker``: a checkpoint must never be loaded with pickle."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _no_compute(monkeypatch):
+    import vpns_core.train as train
+
+    def compute(*args, **kwargs):
+        raise AssertionError("compute started before the bad input was rejected")
+    monkeypatch.setattr(train, "build_data", compute)
+    monkeypatch.setattr(train, "build_model", compute)
+
+
+def _case(name, tmp_path, monkeypatch):
+    """(Config values, files to write) for each named bad input; returns the values."""
+    import torch
+    tiny = dict(model="tiny_resnet", pretrained=False, train_subset=64, test_subset=32)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"\\x00not a torch file")
+    evil = tmp_path / "evil.pt"
+    torch.save({"masks": _Evil(tmp_path / "pwned")}, evil)
+    if name == "missing data root":
+        return dict(tiny, dataset="cifar10")
+    if name == "empty data root":
+        return dict(tiny, dataset="cifar10", data_root=str(tmp_path))
+    if name == "weights missing offline":
+        monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+        return dict(model="resnet18", pretrained=True)
+    if name == "corrupt mask_file":
+        return dict(tiny, mask_file=str(junk))
+    if name == "pickled objects in mask_file":
+        return dict(tiny, mask_file=str(evil))
+    if name == "corrupt source_checkpoint":
+        return dict(tiny, source_checkpoint=str(junk))
+    if name == "pickled objects in source_checkpoint":
+        return dict(tiny, source_checkpoint=str(evil))
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("name,error,field", [
+    ("missing data root", DataUnavailableError, "--data-root"),
+    ("empty data root", DataUnavailableError, "data root"),
+    ("weights missing offline", WeightsUnavailableError, "model 'resnet18'"),
+    ("corrupt mask_file", CheckpointError, "mask_file:"),
+    ("pickled objects in mask_file", CheckpointError, "mask_file:"),
+    ("corrupt source_checkpoint", CheckpointError, "source_checkpoint:"),
+    ("pickled objects in source_checkpoint", CheckpointError, "source_checkpoint:"),
+])
+def test_bad_resources_are_rejected_before_any_compute(name, error, field, tmp_path, monkeypatch):
+    from vpns_core.train import Trial
+    values = _case(name, tmp_path, monkeypatch)
+    cfg = Config(**values)  # valid as values; the files behind them are not
+    _no_compute(monkeypatch)
+    with pytest.raises(error) as err:
+        Trial(cfg, tmp_path / "trial")
+    assert field in str(err.value)
+    assert not (tmp_path / "pwned").exists()  # nothing was unpickled
+
+
+def test_truncated_trial_checkpoint_is_rejected_before_any_compute(tmp_path, monkeypatch):
+    import torch
+    from vpns_core.checkpoint import atomic_save
+    from vpns_core.train import CHECKPOINT, Trial
+    atomic_save({"format": "vpns-trial-1", "model": {"w": torch.randn(1000, 100)}}, tmp_path / CHECKPOINT)
+    data = (tmp_path / CHECKPOINT).read_bytes()
+    (tmp_path / CHECKPOINT).write_bytes(data[: len(data) // 2])
+    _no_compute(monkeypatch)
+    with pytest.raises(CheckpointError, match="^checkpoint: cannot read"):
+        Trial(Config(model="tiny_resnet", pretrained=False), tmp_path)
+
+
+@pytest.mark.parametrize("space,field", [
+    ({"spasity": [0.5, 0.9]}, "spasity"),                          # unknown search-space key
+    ({"case": {"a": {"pad_sise": 4}}}, "pad_sise"),                # unknown field in a named point
+    ({"pad_size": [4, 40]}, "pad_size"),                           # a grid value out of range
+    ({"method": ["vpns", "hdyra"]}, "method"),                     # a typo among the choices
+])
+def test_bad_search_spaces_are_rejected_by_the_driver(space, field):
+    from search_spaces import base as presets
+    from sweeps.common import check_points
+    with pytest.raises(ConfigError) as err:
+        check_points(presets.base("tiny"), space)
+    assert str(err.value).startswith(f"{field}:")
+
+
+def test_bad_sweep_flags_name_the_flag(tmp_path):
+    from sweeps.common import parse_overrides, run_sweep
+    with pytest.raises(SystemExit, match="--set spasity=0.5"):
+        parse_overrides(["spasity=0.5"])
+    for bad in ("../escape", "a/b", "..", "/abs"):
+        with pytest.raises(SystemExit, match="--name"):
+            run_sweep("test_names", lambda sweep: None,
+                      ["--storage-path", str(tmp_path), "--name", bad, "--preset", "tiny"])
+    with pytest.raises(SystemExit, match="--resume"):
+        run_sweep("test_names", lambda sweep: None,
+                  ["--storage-path", str(tmp_path), "--resume", "../../etc", "--preset", "tiny"])
+    assert not any(tmp_path.parent.glob("escape*")) and list(tmp_path.iterdir()) == []

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from vpns_core.masking import ALLOCATIONS, MaskedNetwork, erk_densities, plain_state_dict, scaled_score_init
+from vpns_core.masking import (ALLOCATIONS, MaskedNetwork, erk_densities, kth_smallest_abs,
+                                plain_state_dict, scaled_score_init)
 
 
 def tiny_net():
@@ -168,3 +169,84 @@ def test_score_gradient_goes_through_abs():
     x = torch.ones(1, 4)
     lin(x).sum().backward()
     assert torch.allclose(scores.grad, torch.tensor([[1.0, -2.0, 3.0, -4.0]]) * scores.sign())
+
+
+@pytest.mark.parametrize("k_fraction", [0.0, 1e-6, 0.1, 0.5, 0.9, 0.999, 1.0])
+def test_kth_smallest_abs_equals_kthvalue_of_the_concatenation(k_fraction):
+    torch.manual_seed(0)
+    parts = [torch.randn(300, 200), torch.randn(64, 3, 7, 7), torch.randn(1000, 100).round(decimals=1)]
+    flat = torch.cat([p.flatten() for p in parts]).abs()  # many ties in the last part
+    k = round(k_fraction * flat.numel())
+    got = kth_smallest_abs(parts, k)
+    expected = torch.kthvalue(flat, k).values if k > 0 else torch.tensor(float("-inf"))
+    assert torch.equal(got, expected)
+
+
+def test_kth_smallest_abs_is_exact_when_the_sample_misleads():
+    # every sampled (strided) value is 0, so the sampled bracket misses: the exact path must run
+    x = torch.rand(400_000) + 1.0
+    stride = x.numel() // 65536
+    x[::stride] = 0.0
+    for k in (10, 200_000, 399_990):
+        assert torch.equal(kth_smallest_abs([x], k), torch.kthvalue(x.abs(), k).values)
+
+
+def test_eval_forward_reuses_the_masked_weight_until_scores_change():
+    model = tiny_net()
+    net = MaskedNetwork(model, 0.5)
+    scores = net.attach_scores()
+    x = torch.randn(2, 3, 8, 8)
+    model.eval()
+    with torch.no_grad():
+        model(x)
+        first = model[3].weight
+        before = first.clone()
+        model(x)
+        assert model[3].weight is first and torch.equal(first, before)  # nothing recomputed
+        scores[1].mul_(-1.0).add_(torch.randn_like(scores[1]))
+        out = model(x)
+    assert not torch.equal(model[3].weight, before)  # rebuilt (in place) after the change
+    masks = net.current_masks()
+    assert torch.equal(model[3].weight, model[3].weight_orig * masks["3"])
+    plain = tiny_net()
+    plain.load_state_dict(plain_state_dict(model, masks))
+    plain.eval()
+    assert torch.allclose(plain(x), out, atol=1e-6)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_thresholds_follow_a_fused_optimizer_step(fused):
+    """Fused optimizers do not bump version counters; the network must still see the change."""
+    net = MaskedNetwork(tiny_net(), 0.5)
+    scores = net.attach_scores()
+    x = torch.randn(2, 3, 8, 8)
+    # fused set per parameter group, not in the optimizer's defaults: still seen
+    opt = torch.optim.Adam([{"params": scores, "fused": fused}], lr=0.5)
+    before = [m.weight_threshold.clone() for _, m in net.layers]
+    net.model(x).sum().backward()
+    opt.step()
+    net.model(x)
+    assert any(not torch.equal(b, m.weight_threshold) for b, (_, m) in zip(before, net.layers))
+    masks = net.current_masks()
+    for name, m in net.layers:
+        assert torch.equal(m.weight != 0, masks[name] & (m.weight_orig != 0))
+    net.fix()  # removes the hook with the score mode
+    sgd = torch.optim.SGD(net.model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1, fused=fused)
+    for _ in range(3):
+        sgd.zero_grad()
+        net.model(x).sum().backward()
+        sgd.step()
+    assert all(torch.all(m.weight[~masks[n]] == 0) for n, m in net.layers)
+
+
+def test_a_graph_from_before_a_score_update_is_refused_not_silently_wrong():
+    model = tiny_net()
+    net = MaskedNetwork(model, 0.5)
+    scores = net.attach_scores()
+    x = torch.randn(2, 3, 8, 8)
+    stale = model(x).sum()
+    with torch.no_grad():
+        scores[0].add_(torch.randn_like(scores[0]))
+    model(x)  # refreshes the layers' buffers in place
+    with pytest.raises(RuntimeError, match="modified inplace|modified by an inplace"):
+        stale.backward()

@@ -99,3 +99,58 @@ def test_image_is_in_unit_range():
         p.delta.normal_()
     img = p.image()
     assert img.shape == (3, 32, 32) and img.min() >= 0 and img.max() <= 1
+
+
+class _SamePaddedConv(torch.nn.Conv2d):
+    """A conv subclass with its own forward (TensorFlow-style asymmetric padding, as Lite0's stem)."""
+
+    def forward(self, x):
+        return torch.nn.functional.conv2d(torch.nn.functional.pad(x, (0, 1, 0, 1)), self.weight, self.bias,
+                                          self.stride, self.padding, self.dilation, self.groups)
+
+
+@pytest.mark.parametrize("kind", ["pad", "fix", "random"])
+@pytest.mark.parametrize("stride,padding", [(1, 1), (2, 3), (2, "same_tf")])
+def test_batch_summed_input_gradient_is_exact(kind, stride, padding):
+    """The first conv hands the prompt sum_b conv^T(g_b) as conv^T(sum_b g_b): same gradients."""
+    from torch import nn
+
+    def model():
+        torch.manual_seed(0)
+        first = (_SamePaddedConv(3, 8, 3, stride=stride) if padding == "same_tf" else
+                 nn.Conv2d(3, 8, 7 if padding == 3 else 3, stride=stride, padding=padding, bias=True))
+        return nn.Sequential(first,
+                             nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.AdaptiveAvgPool2d(1),
+                             nn.Flatten())
+
+    x = torch.rand(6, 3, 24, 24)
+    grads = []
+    for share in (False, True):
+        net, prompt = model(), make(kind)
+        with torch.no_grad():
+            for d in prompt.parameters():
+                d.normal_(generator=torch.Generator().manual_seed(1))
+        assert prompt.share_input_gradient(net[0]) if share else True
+        torch.manual_seed(2)  # the random prompt's location
+        net(prompt(x)).square().sum().backward()
+        grads.append([p.grad for p in [*prompt.parameters(), *net.parameters()]])
+        if share:  # engaged on the prompt's output; an unprompted pass or evaluation: plain path
+            torch.manual_seed(2)
+            assert "BatchSummed" in type(net[0](prompt(x)).grad_fn).__name__
+            assert "BatchSummed" not in type(net[0](prompt(x, enabled=False)).grad_fn).__name__
+            with torch.no_grad():
+                net(prompt(x))
+            assert "_vpns_shared_input" not in net[0].__dict__
+    for plain, shared in zip(*grads):
+        assert torch.allclose(plain, shared, rtol=1e-4, atol=1e-6)
+
+
+def test_input_gradient_sharing_ignores_other_inputs():
+    from torch import nn
+    conv = nn.Conv2d(3, 4, 3)
+    assert make("pad").share_input_gradient(conv)
+    assert not make("pad").share_input_gradient(nn.Linear(3, 3))
+    x = torch.rand(2, 3, 8, 8, requires_grad=True)  # not the prompt's output: per-image gradient
+    conv(x).square().sum().backward()
+    expected = torch.autograd.grad(nn.functional.conv2d(x, conv.weight, conv.bias).square().sum(), x)[0]
+    assert torch.allclose(x.grad, expected)

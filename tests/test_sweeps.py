@@ -123,3 +123,22 @@ def test_a_failing_trial_is_retried_marked_failed_and_the_sweep_finishes(tmp_pat
     failed = runs[trials["broken"]["trial_id"]]
     assert failed.info.status == "FAILED" and "mask_file" in failed.data.tags["error"]
     assert (folder / "test_failures_table.csv").read_text().count("\n") == 3
+
+
+def test_a_diverging_trial_fails_with_its_reason_and_the_sweep_goes_on(tmp_path, tracking, ray_session):
+    def plan(sweep):
+        sweep.run_phase("trials", presets.base("tiny"),
+                        {"case": {"ok": {}, "nan": {"method": "dense", "tune_lr": 1e30, "momentum": 0.0}}})
+
+    rc = common.run_sweep("test_nan", plan, flags(tmp_path, tracking, "--max-failures", "0"),
+                          search="grid", scheduler="fifo")
+    assert rc == 1  # a failed trial; the sweep ran to its end (export, table)
+    folder = sweep_dir(tmp_path)
+    trials = {t["axis.case"]: t for t in pq.read_table(folder / "trials.parquet").to_pylist()}
+    assert trials["ok"]["finished"] and trials["ok"]["status"] == "TERMINATED"
+    assert trials["nan"]["status"] == "ERROR" and "NonFiniteLossError" in trials["nan"]["error"]
+    runs = trial_runs(tracking, folder.name)
+    failed, ok = runs[trials["nan"]["trial_id"]], runs[trials["ok"]["trial_id"]]
+    assert failed.info.status == "FAILED" and "loss became" in failed.data.tags["error"]
+    assert ok.info.status == "FINISHED"
+    assert (folder / "test_nan_table.csv").is_file()

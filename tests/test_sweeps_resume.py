@@ -1,5 +1,6 @@
-"""A sweep killed with SIGKILL (driver, Ray and trials at once) finishes with ``--resume``
-without re-running finished trials or duplicating MLflow runs."""
+"""A sweep killed with SIGKILL (driver, Ray and trials at once) at several points finishes with
+``--resume`` without re-running finished trials, losing epochs or duplicating MLflow runs, and a
+resumed trial's curve equals an uninterrupted run of the same config."""
 import json
 import os
 import signal
@@ -54,6 +55,29 @@ def _epoch_rows(path: Path) -> list[tuple]:
     return [(r["epoch"], r["timestamp"]) for r in rows if not r.get("final")]
 
 
+def _run_until(command: list[str], log: Path, tracking: str, done) -> None:
+    """Start the sweep and SIGKILL it once ``done(runs)`` holds for its MLflow trial runs."""
+    with open(log, "w") as handle:
+        proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT,
+                                start_new_session=True)
+        deadline = time.time() + 300
+        client = None
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.time() < deadline, "the kill point was not reached in time"
+            # read MLflow only once the sweep has set up its database (no concurrent migrations)
+            if client is None and "grid search" in log.read_text():
+                client = MlflowClient(tracking)
+            if client is not None and done(_runs(client, "killed")):
+                break
+            time.sleep(0.1)
+        _kill_group(proc)
+
+
+def _mid_epoch(run) -> bool:
+    return run.info.status == "RUNNING" and run.data.metrics.get("epoch", 0) >= 1
+
+
 @pytest.mark.slow
 def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
@@ -62,28 +86,20 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
                "--name", "killed", "--max-concurrent", "1", "--cpus-per-trial", "1",
                "--seeds", "1", "2", "--set", "mask_epochs=2", "--set", "tune_epochs=2",
                "--set", "train_subset=384"]
-    with open(tmp_path / "first.log", "w") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                start_new_session=True)
-        deadline = time.time() + 300
-        client = None
-        while True:
-            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            assert time.time() < deadline, "no trial finished in time"
-            # read MLflow only once the sweep has set up its database (no concurrent migrations)
-            if client is None and "grid search" in (tmp_path / "first.log").read_text():
-                client = MlflowClient(tracking)
-            runs = _runs(client, "killed") if client is not None else {}
-            done = [r for r in runs.values() if r.info.status == "FINISHED"]
-            mid = [r for r in runs.values() if r.info.status == "RUNNING"
-                   and r.data.metrics.get("epoch", 0) >= 1]
-            if done and mid:
-                break
-            time.sleep(0.1)
-        _kill_group(proc)
-
     trials_dir = tmp_path / "sweeps" / "killed" / "trials"
+
+    # kill 1: inside the first trial, nothing finished yet
+    _run_until(command, tmp_path / "first.log", tracking,
+               lambda runs: any(_mid_epoch(r) for r in runs.values()))
+    early = _runs(tracking, "killed")
+    assert len(early) == 1 and all(r.info.status == "RUNNING" for r in early.values())
+
+    # kill 2 (resumed): one trial finished, the next one inside its epochs
+    _run_until([*command, "--resume", "killed"], tmp_path / "second.log", tracking,
+               lambda runs: any(r.info.status == "FINISHED" for r in runs.values())
+               and any(_mid_epoch(r) for r in runs.values()))
     before = _runs(tracking, "killed")
+    assert all(before[tid].info.run_id == run.info.run_id for tid, run in early.items())  # reused
     finished = {tid: run for tid, run in before.items() if run.info.status == "FINISHED"}
     interrupted = {tid: run for tid, run in before.items() if run.info.status == "RUNNING"}
     results = {tid: _epoch_rows(trials_dir / f"trial_{tid}" / "result.json") for tid in finished}
@@ -97,15 +113,33 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     trials = pq.read_table(tmp_path / "sweeps" / "killed" / "trials.parquet").to_pylist()
     assert len(trials) == 4 and all(t["finished"] for t in trials)
     assert set(after) == {t["trial_id"] for t in trials}  # one run per trial, no duplicates
+    assert all(run.info.status == "FINISHED" for run in after.values())  # none left dangling
     for tid, run in finished.items():  # not re-run: same run, same end, no new epochs
         assert after[tid].info.run_id == run.info.run_id
         assert after[tid].info.end_time == run.info.end_time
         assert _epoch_rows(trials_dir / f"trial_{tid}" / "result.json") == results[tid]
     client = MlflowClient(tracking)
-    for tid, run in interrupted.items():  # continued in the same run, each epoch logged once
+    for tid in {*early, *interrupted}:  # continued in the same run, each epoch logged once
+        run = before[tid]
         assert after[tid].info.run_id == run.info.run_id and after[tid].info.status == "FINISHED"
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "test_acc")]
         assert steps == [1, 2, 3, 4]
     parent = client.search_runs([after[next(iter(after))].info.experiment_id],
                                 filter_string="tags.sweep = 'killed' and tags.role = 'parent'")
     assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+
+    # a trial killed twice mid-way has the curve of an uninterrupted run (exact resume)
+    from vpns_core.config import Config
+    from vpns_core.train import run_trial
+    (tid,) = early
+    row = next(t for t in trials if t["trial_id"] == tid)
+    values = {k[len("config."):]: v for k, v in row.items() if k.startswith("config.")}
+    values["tags"] = json.loads(values["tags"])
+    reference = []
+    run_trial(Config.from_dict(values), tmp_path / "uninterrupted", reporter=reference.append)
+    epochs = sorted((e for e in pq.read_table(tmp_path / "sweeps" / "killed" / "epochs.parquet").to_pylist()
+                     if e["trial_id"] == tid), key=lambda e: e["epoch"])
+    assert [e["epoch"] for e in epochs] == [m["epoch"] for m in reference]
+    for got, want in zip(epochs, reference):
+        for key in ("train_loss", "val_acc", "test_acc_prompt", "test_acc_noprompt", "sparsity"):
+            assert got[key] == pytest.approx(want[key], abs=1e-6), (got["epoch"], key)

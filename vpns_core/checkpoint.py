@@ -1,6 +1,7 @@
 """Atomic checkpoints with full RNG state, loadable with ``torch.load(weights_only=True)``."""
 from __future__ import annotations
 
+import glob
 import os
 import random
 import tempfile
@@ -17,7 +18,8 @@ class CheckpointError(RuntimeError):
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """Write ``obj`` with ``torch.save`` to a temporary file, fsync it and rename it into place,
-    so a reader never sees a half-written file (a kill mid-write leaves the old one)."""
+    so a reader never sees a half-written file (a kill mid-write leaves the old one; its
+    temporary file is removed by the next successful write of the same path)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -30,6 +32,8 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # left by a killed writer
+        stale.unlink(missing_ok=True)
 
 
 def safe_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
@@ -41,6 +45,26 @@ def safe_load(path: str | os.PathLike, map_location: str | torch.device = "cpu")
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # truncated zip, pickle refused by weights_only, ...
         raise CheckpointError(f"checkpoint: cannot read {path}: {err}") from err
+
+
+def check_readable(path: str | os.PathLike, field: str = "checkpoint") -> None:
+    """Raise :class:`CheckpointError` (message starting with ``field``) unless ``path`` is a torch
+    file that ``torch.load(weights_only=True)`` accepts: missing, truncated, not a torch file, or
+    holding pickled objects other than tensors and plain containers. Memory-maps the file (zip
+    format), so the check reads little of the tensors' data."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{field}: file not found: {path}")
+    try:
+        try:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:  # not the zip format (legacy torch.save, or not torch at all)
+            if "mmap" not in str(err):
+                raise
+            torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - every failure means "not loadable"
+        raise CheckpointError(f"{field}: cannot read {path} with torch.load(weights_only=True): "
+                              f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
 
 
 def rng_state() -> dict[str, Any]:

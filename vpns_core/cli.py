@@ -14,6 +14,7 @@ import types
 import typing
 from pathlib import Path
 
+from .checkpoint import CheckpointError
 from .config import Config, ConfigError
 
 
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(ns)
         cfg.check_resources()
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, FileNotFoundError, ValueError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     from .train import run_trial

@@ -241,3 +241,7 @@ class Config:
         check_available(self.dataset, self.data_root, self.download)
         check_model(self.model, self.pretrained and self.source_checkpoint is None,
                     self.source_checkpoint, allow_download=self.download)
+        from .checkpoint import check_readable
+        for name in ("mask_file", "source_checkpoint"):  # corrupt or pickled objects: refused here
+            if getattr(self, name) is not None:
+                check_readable(getattr(self, name), name)

@@ -15,6 +15,7 @@ Variants (MISSION.md):
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +66,48 @@ class Prompt(nn.Module):
             # at the bounds, so a zero-initialised prompt over zero padding would never move.
             x = x + delta
             x = x + (x.clamp(0.0, 1.0) - x).detach()
-        return (x - self.mean) / self.std
+        out = (x - self.mean) / self.std
+        if delta is not None and out.requires_grad:
+            self._last_output = weakref.ref(out)
+        return out
+
+    def share_input_gradient(self, layer: nn.Module) -> bool:
+        """Let ``layer`` (the model's first convolution) hand this prompt's output a gradient
+        summed over the batch instead of one per image.
+
+        The prompt is the same for every image of a batch and the images themselves need no
+        gradient, so the prompt's gradient only needs ``sum_b dL/dz_b``; for a convolution,
+        ``sum_b conv^T(g_b) = conv^T(sum_b g_b)``: one image's worth of input gradient instead
+        of a batch's (the input gradient of ResNet-18's first convolution was 10% of a 224 px
+        training step on a CPU; benchmarks/masked_step.py). Exact up to float rounding. It acts
+        only when the layer's input is this prompt's output, with a gradient; anything else
+        (another input, evaluation, an unprompted pass) takes the usual path. Returns whether
+        ``layer`` qualifies: an ``nn.Conv2d`` (subclasses such as TensorFlow-style "same"
+        padding included: a convolution is affine in its input).
+        """
+        if not isinstance(layer, nn.Conv2d):
+            return False
+        ref = weakref.ref(self)
+
+        def pre_hook(module: nn.Module, args):
+            prompt = ref()
+            last = prompt.__dict__.get("_last_output") if prompt is not None else None
+            inp = args[0] if args else None
+            if (last is not None and inp is last() and isinstance(inp, Tensor) and inp.requires_grad
+                    and torch.is_grad_enabled()):
+                module.__dict__["_vpns_shared_input"] = inp
+                return (inp.detach(), *args[1:])
+            return None
+
+        def post_hook(module: nn.Module, _args, output: Tensor):
+            inp = module.__dict__.pop("_vpns_shared_input", None)
+            if inp is None:
+                return None
+            return _BatchSummedInputGrad.apply(output, inp, module)
+
+        self._share_handles = (layer.register_forward_pre_hook(pre_hook),
+                               layer.register_forward_hook(post_hook))
+        return True
 
     @property
     def tunable_count(self) -> int:
@@ -79,6 +121,30 @@ class Prompt(nn.Module):
         with torch.no_grad():
             delta = self.perturbation(canvas)
         return canvas[0] if delta is None else (canvas + delta).clamp(0, 1)[0]
+
+
+class _BatchSummedInputGrad(torch.autograd.Function):
+    """Identity on a layer's output (computed from the detached input); the backward pass gives
+    the input ``J^T(sum_b g_b) / B`` for every image, ``J`` the layer's input Jacobian (the same
+    for every input: the layer is affine in it), taken through the layer's own ``forward`` on one
+    zero image. Its sum over the batch, all a batch-shared prompt receives, equals the exact
+    ``sum_b J^T g_b``."""
+
+    @staticmethod
+    def forward(ctx, output: Tensor, inp: Tensor, layer: nn.Module):
+        ctx.shape, ctx.dtype, ctx.layer = inp.shape, inp.dtype, layer
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        layer = ctx.layer
+        weight = layer.weight
+        probe = torch.zeros((1, *ctx.shape[1:]), dtype=weight.dtype, device=grad.device, requires_grad=True)
+        with torch.enable_grad():
+            out = type(layer).forward(layer, probe)  # no hooks: the layer's own computation
+            (grad_in,) = torch.autograd.grad(out, probe, grad.sum(0, keepdim=True).to(out.dtype))
+        grad_in = (grad_in / ctx.shape[0]).to(ctx.dtype).expand(ctx.shape)
+        return grad, grad_in, None
 
 
 @PROMPTS.register("none")

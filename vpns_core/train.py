@@ -87,6 +87,8 @@ class Trial:
     def __init__(self, cfg: Config, workdir: str | Path, reporter: Reporter | None = None,
                  resume: bool = True) -> None:
         cfg.check_resources()  # clear errors about data/weights before any compute
+        ckpt = Path(workdir) / CHECKPOINT  # a corrupt checkpoint is refused before any compute too
+        saved = safe_load(ckpt, map_location="cpu") if resume and ckpt.exists() else None
         self.cfg = cfg
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -120,6 +122,7 @@ class Trial:
                                            prompt_size=cfg.resolved_prompt_size)
         self.model.to(self.device)
         self.prompt.to(self.device)
+        self.prompt.share_input_gradient(first_layer(self.model)[1])  # batch-summed input grad
         self.label_map.to(self.device)
         # Weight rewinding (LTH) needs the state the trial started from (pretrained, new head init).
         self.pretrained_state = ({k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -161,20 +164,30 @@ class Trial:
         self.best: dict[str, Any] | None = None
         self.mapping_done = False
         self.resume_state: dict[str, Any] | None = None
-        ckpt = self.workdir / CHECKPOINT
-        if resume and ckpt.exists():
-            self._restore(safe_load(ckpt, map_location=self.device))
+        if saved is not None:
+            self._restore(saved)
 
     # --- data -------------------------------------------------------------------------------
 
     def _loader(self, dataset, train: bool, generator: torch.Generator | None = None) -> DataLoader:
         cfg = self.cfg
         workers = cfg.num_workers
-        return DataLoader(
+        # Evaluation splits are read in a fixed order four times an epoch: keep their loaders and
+        # worker processes (a new loader's workers take ~0.2 s to start; benchmarks/input_pipeline.py).
+        # Training loaders stay per epoch: their shuffling is seeded per epoch for exact resume.
+        persistent = (workers > 0 and not train
+                      and any(dataset is d for d in (self.data.train_eval, self.data.val, self.data.test)))
+        cache = self.__dict__.setdefault("_eval_loaders", {})
+        if persistent and id(dataset) in cache:
+            return cache[id(dataset)]
+        loader = DataLoader(
             dataset, batch_size=cfg.batch_size if train else cfg.eval_batch_size,
             shuffle=train, drop_last=train and len(dataset) >= cfg.batch_size,
             generator=generator, num_workers=workers, pin_memory=self.device.type == "cuda",
-            persistent_workers=False)
+            persistent_workers=persistent)
+        if persistent:
+            cache[id(dataset)] = loader
+        return loader
 
     def _to_device(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         x = x.to(self.device, non_blocking=True).float().div_(255.0)
