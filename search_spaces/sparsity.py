@@ -2,15 +2,17 @@
 
 The default preset's sparsity curves run every registered method (13 with the dense reference)
 at three sparsities, so each trial is made smaller than the other default sweeps': 1,500 training
-(150 of them validation) and 500 test images, 2 + 2 epochs, and one epoch per LTH round (the
-paper fine-tunes every round fully; LTH at 90% takes 11 rounds, so full rounds would cost five
-times a VPNs trial). The whole sweep fits in about 45 minutes on an idle 2-core CPU.
+(150 of them validation) and 500 test images, a 32 px image in a 48 px frame (the 8 px pad prompt
+covers exactly the zero padding; 0.56x the pixels of the 64 px frame), 2 + 2 epochs, and one
+epoch per LTH round (the paper fine-tunes every round fully; LTH at 90% takes 11 rounds, so full
+rounds would cost five times a VPNs trial). At the 64 px frame the sweep took about 80 minutes
+on this 2-core CPU (measured per epoch); see the README for the measured time of this preset.
 """
 from __future__ import annotations
 
 from search_spaces import base as _base, pick
 
-CURVES_DEFAULT = dict(train_subset=1500, test_subset=500, lth_epochs_per_round=1)
+CURVES_DEFAULT = dict(_base.SMALL, lth_epochs_per_round=1)
 
 
 def base(preset: str) -> dict:

@@ -1,8 +1,9 @@
 """Channel (structured) pruning: channel sparsity × method (structured VPNs, Network Slimming,
 DepGraph), each a named point so that a method's own settings travel with it.
 
-Default preset: the embedded Lite0 -> Fashion-MNIST task (2,400 training / 1,000 test images,
-48 px in 64 px), channel sparsities 30 / 50 / 70 % of every dependency group. Structured VPNs
+Default preset: the embedded Lite0 -> Fashion-MNIST task at the small size of the sparsity
+curves (``base.SMALL``: 1,500 training / 500 test images, 32 px in a 48 px frame), channel
+sparsities 30 / 50 / 70 % of every dependency group. Structured VPNs
 runs 2 epochs of scores + prompt and 2 of fine-tuning; Slimming and DepGraph run 1 epoch of
 sparse training (their regularisers) and 2 of fine-tuning.
 """
@@ -23,7 +24,7 @@ def methods() -> dict[str, dict]:
 
 def base(preset: str) -> dict:
     extra = pick(preset, paper={"channel_allocation": "layerwise"},
-                 default={"channel_allocation": "layerwise"},
+                 default={**_base.SMALL, "channel_allocation": "layerwise"},
                  tiny={"channel_allocation": "layerwise", "measure_repeats": 1})
     return {**_base.base(preset), **extra}
 

@@ -154,3 +154,18 @@ def test_input_gradient_sharing_ignores_other_inputs():
     conv(x).square().sum().backward()
     expected = torch.autograd.grad(nn.functional.conv2d(x, conv.weight, conv.bias).square().sum(), x)[0]
     assert torch.allclose(x.grad, expected)
+
+
+@pytest.mark.parametrize("kind", PROMPTS.names())
+def test_is_identity_exactly_when_the_prompt_changes_nothing(kind):
+    p = make(kind)
+    x = torch.rand(4, 3, 24, 24)
+    torch.manual_seed(0)
+    prompted = p(x)
+    assert p.is_identity() == torch.equal(prompted, p(x, enabled=False))
+    assert p.is_identity() == (kind in ("none", "pad"))  # zero init; fix/random add sigmoid(0)
+    with torch.no_grad():
+        for d in p.parameters():
+            d[..., 0, 0] = 0.3  # a corner pixel: inside every prompt's tunable region
+    assert p.is_identity() == (kind == "none")
+    assert p.is_identity() == torch.equal(p(x), p(x, enabled=False))

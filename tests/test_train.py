@@ -58,6 +58,22 @@ def test_hydra_means_no_prompt_and_prompt_is_trained_in_vpns(tmp_path):
     assert torch.count_nonzero(delta * (1 - vpns.prompt.mask)) == 0  # centre never tuned
 
 
+@pytest.mark.parametrize("method,passes", [("hydra", 1), ("vpns", 2)])
+def test_an_identity_prompt_is_evaluated_once(method, passes, tmp_path, monkeypatch):
+    calls = []
+    evaluate = Trial.evaluate
+
+    def counting(self, dataset, prompted):
+        calls.append(prompted)
+        return evaluate(self, dataset, prompted)
+    monkeypatch.setattr(Trial, "evaluate", counting)
+    seen = []
+    run_trial(tiny(method=method), tmp_path, reporter=seen.append)
+    assert len(calls) == 2 * passes * len(seen)  # test and validation splits, every epoch
+    if passes == 1:  # HYDRA's prompt stays at zero: both columns are the one unprompted pass
+        assert all(m["test_acc_prompt"] == m["test_acc_noprompt"] for m in seen)
+
+
 def test_pruned_weights_zero_after_tuning_and_export_loads_plainly(tmp_path):
     trial = Trial(tiny(sparsity=0.9, tune_epochs=2), tmp_path)
     trial.run()

@@ -114,6 +114,12 @@ class Prompt(nn.Module):
         """Number of prompt values a gradient step can change."""
         return 0
 
+    def is_identity(self) -> bool:
+        """Whether ``forward(x)`` equals ``forward(x, enabled=False)`` bit for bit for images in
+        [0, 1]: true when there is no perturbation (overridden where the perturbation can be
+        zero)."""
+        return type(self).perturbation is Prompt.perturbation
+
     def image(self) -> Tensor:
         """The prompt as a ``[3, out, out]`` picture in [0, 1] over a grey canvas, for logging."""
         canvas = torch.full((1, 3, self.output_size, self.output_size), 0.5,
@@ -168,6 +174,10 @@ class PadPrompt(Prompt):
 
     def perturbation(self, x: Tensor) -> Tensor:
         return self.delta * self.mask
+
+    def is_identity(self) -> bool:
+        """An all-zero border adds nothing (its zero init, kept by every method without VP)."""
+        return not bool((self.delta * self.mask).any())
 
     @property
     def tunable_count(self) -> int:
