@@ -92,6 +92,7 @@ class Trial:
         self.cfg = cfg
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self._eval_loaders: dict[int, DataLoader] = {}  # persistent evaluation loaders (_loader)
         self.reporter = reporter or (lambda metrics: None)
         self.device = resolve_device(cfg.device)
         if cfg.num_threads:
@@ -177,16 +178,15 @@ class Trial:
         # Training loaders stay per epoch: their shuffling is seeded per epoch for exact resume.
         persistent = (workers > 0 and not train
                       and any(dataset is d for d in (self.data.train_eval, self.data.val, self.data.test)))
-        cache = self.__dict__.setdefault("_eval_loaders", {})
-        if persistent and id(dataset) in cache:
-            return cache[id(dataset)]
+        if persistent and id(dataset) in self._eval_loaders:
+            return self._eval_loaders[id(dataset)]
         loader = DataLoader(
             dataset, batch_size=cfg.batch_size if train else cfg.eval_batch_size,
             shuffle=train, drop_last=train and len(dataset) >= cfg.batch_size,
             generator=generator, num_workers=workers, pin_memory=self.device.type == "cuda",
             persistent_workers=persistent)
         if persistent:
-            cache[id(dataset)] = loader
+            self._eval_loaders[id(dataset)] = loader
         return loader
 
     def _to_device(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
