@@ -7,7 +7,8 @@ from ray.tune.search.sample import Domain
 
 import search_spaces
 from search_spaces import method
-from sweeps.common import check_points, driver_config, parse_overrides, point_configs, resolve
+from sweeps.common import (check_points, driver_config, longest_first, parse_overrides, point_configs,
+                           resolve)
 from vpns_core.config import Config
 from vpns_core.methods import METHODS
 
@@ -47,6 +48,19 @@ def test_named_points_resolve_to_config_fields():
     assert [c["pad_size"] for c in configs] == [0, 4, 8, 12, 16, 24]
     assert resolve({"pad": 8, "seed": 7}, {"pad": axes["pad"]}) == {"pad_size": 8, "seed": 7}
     assert Config.from_dict(configs[0]).prompt == "none"
+
+
+def test_the_grid_runs_its_longest_trials_first():
+    from search_spaces import sparsity
+    base, axes = sparsity.base("default"), {**method.space("default"), **sparsity.space("default")}
+    order = longest_first(base, axes, {})
+    epochs = {m: driver_config({**base, "method": m, "sparsity": 0.9}).total_epochs for m in axes["method"]}
+    assert [epochs[m] for m in order["method"]] == sorted(epochs.values(), reverse=True)
+    assert order["method"][:2] == ["lth", "vpns_lth"] and epochs["lth"] > epochs["vpns"]
+    assert order["sparsity"] == [0.9, 0.7, 0.5]  # LTH needs more rounds to reach 90%
+    assert sorted(order["method"]) == sorted(axes["method"])
+    even = {"seed": [7, 9, 17], "method": ["vpns", "hydra"]}  # equal costs: the space's order
+    assert longest_first(base, even, {}) == even
 
 
 def test_overrides_parse_python_literals():

@@ -1,5 +1,6 @@
 """Sweeps end to end on the tiny preset: one Ray session for the module, tiny trials (seconds)."""
 import importlib
+import pickle
 import pkgutil
 import tempfile
 from pathlib import Path
@@ -100,6 +101,20 @@ def test_optuna_and_asha_stop_trials_early(tmp_path, tracking, ray_session):
     assert {runs[t["trial_id"]].data.tags["early_stopped"] for t in stopped} == {"true"}
     scratch = Path(tempfile.gettempdir()) / "vpns-trials"
     assert not [t for t in trials if (scratch / t["trial_id"]).exists()]  # stopped ones cleaned up
+
+
+def test_optuna_on_listed_points_only_samples_each_point_once(tmp_path, tracking, ray_session, capsys):
+    from sweeps import ablation_pad
+    tiny = presets.base("tiny")
+    rc = ablation_pad.main(flags(tmp_path, tracking, "--search", "optuna", "--scheduler", "fifo",
+                                 "--num-samples", "5", "--set", f"mask_lr={tiny['mask_lr']}",
+                                 "--set", f"tune_lr={tiny['tune_lr']}"))
+    assert rc == 0
+    assert "--num-samples 5 > the 2 points of the space: running 2" in capsys.readouterr().out
+    trials = pq.read_table(sweep_dir(tmp_path) / "trials.parquet").to_pylist()
+    assert sorted(str(t["axis.pad"]) for t in trials) == ["4", "none"]  # tiny's pads, none twice
+    sampler = common.ShuffledGridSampler({"pad": ["none", 4, 8, 12]}, seed=3)
+    assert pickle.loads(pickle.dumps(sampler))._all_grids == sampler._all_grids  # Tune saves it
 
 
 def test_a_failing_trial_is_retried_marked_failed_and_the_sweep_finishes(tmp_path, tracking, ray_session):
