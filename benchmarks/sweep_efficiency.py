@@ -33,6 +33,7 @@ Writes ``results/benchmarks/sweep_efficiency.json``; the sweeps themselves land 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import time
@@ -135,8 +136,6 @@ def replay(curves: dict[str, dict[str, Any]], num_samples: int, grace: int, rf: 
     ``draws`` random report orders: the share of sweeps meeting the target, and the mean and
     worst epoch ratio. The training is seeded, so a real run's trials repeat the grid's own
     curves exactly (the benchmark checks its runs against this)."""
-    import itertools
-    import random
     grid_epochs = sum(len(c["val"]) for c in curves.values())
     grid_best = curves[max(sorted(curves), key=lambda p: curves[p]["sel_val"])]["sel_test"]
     outcomes = []

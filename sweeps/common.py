@@ -506,8 +506,8 @@ class Sweep:
         points = {k: v for k, v in axes.items() if isinstance(v, dict)}
         check_points(fixed, axes)
         prepare_resources(point_configs(fixed, axes, points))
-        label_keys = [k for k, v in axes.items() if not isinstance(v, Domain)]
-        order = {k: list(axes[k]) for k in label_keys}  # results keep the space's order
+        order = listed_axes(axes)  # results keep the space's order
+        label_keys = list(order)
         run_order = longest_first(fixed, axes, points) if args.search == "grid" else axes
         param_space = {**fixed, **{k: _tune_axis(v, args.search) for k, v in run_order.items()}}
         tracker = MLflowTracker(
@@ -551,7 +551,7 @@ class Sweep:
         if args.search == "optuna":
             from ray.tune.search.optuna import OptunaSearch
             num_samples = args.num_samples or self.default_samples
-            finite = {k: list(v) for k, v in axes.items() if not isinstance(v, Domain)}
+            finite = listed_axes(axes)
             if len(finite) == len(axes):  # every axis a list of points: sample without replacement
                 size = math.prod(len(v) for v in finite.values())
                 if num_samples > size:
@@ -596,10 +596,15 @@ def runtime_fields(args: argparse.Namespace) -> dict[str, Any]:
             "download": False}
 
 
+def listed_axes(axes: dict[str, Any]) -> dict[str, list]:
+    """The axes given as lists of values or named points (not Tune domains), as label lists."""
+    return {k: list(v) for k, v in axes.items() if not isinstance(v, Domain)}
+
+
 def point_configs(fixed: dict[str, Any], axes: dict[str, Any],
                   points: dict[str, dict]) -> list[dict[str, Any]]:
     """Config values for every combination of the discrete axes (Tune domains left at the base)."""
-    discrete = {k: list(v) for k, v in axes.items() if not isinstance(v, Domain)}
+    discrete = listed_axes(axes)
     combos = []
     for values in itertools.product(*discrete.values()):
         combos.append(resolve({**fixed, **dict(zip(discrete, values))}, points))
@@ -612,7 +617,7 @@ def longest_first(fixed: dict[str, Any], axes: dict[str, Any],
     value trains, longest first (ties keep the space's order). Trials of the sparsity curves
     train 2 to 13 epochs; started last, the 13-epoch LTH trials left a core idle for minutes at
     the end of the sweep."""
-    discrete = {k: list(v) for k, v in axes.items() if not isinstance(v, Domain)}
+    discrete = listed_axes(axes)
     cost = {k: dict.fromkeys(v, 0) for k, v in discrete.items()}
     for values in itertools.product(*discrete.values()):
         epochs = driver_config(resolve({**fixed, **dict(zip(discrete, values))}, points)).total_epochs
