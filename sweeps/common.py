@@ -48,8 +48,9 @@ from vpns_core.registry import UnknownNameError
 PROJECT = Path(__file__).resolve().parents[1]
 RESULTS = Path(os.environ.get("VPNS_RESULTS", PROJECT / "results")).resolve()
 METRIC, MODE = "val_acc", "max"  # never the test set: Optuna and ASHA select on validation
-TABLE_METRICS = ("selected_test_acc", "selected_test_acc_noprompt", "mask_stage_test_acc_prompt",
-                 "mask_stage_test_acc_noprompt")
+TABLE_METRICS = ("selected_test_acc", "selected_test_acc_prompt", "selected_test_acc_noprompt",
+                 "mask_stage_test_acc_prompt",
+                 "mask_stage_test_acc_noprompt", "trial_time_s")
 CHECKPOINT = "checkpoint.pt"
 FINAL = "final.json"
 # Flags that define a sweep: ``--resume`` takes them from sweep.json, not from the command line.
@@ -278,7 +279,8 @@ _TUNE_KEYS = {"timestamp", "time_this_iter_s", "time_total_s", "training_iterati
               "final", "planned_epochs"}
 # Final-report keys kept as trial columns and MLflow metrics: the selected model's accuracies,
 # and for channel methods the dense-vs-pruned measurements (vpns_core.structured.compare).
-_FINAL_PREFIXES = ("selected_", "mask_stage_", "prompt_tunable", "dense_", "pruned_", "speedup",
+_FINAL_PREFIXES = ("selected_", "mask_stage_", "prompt_tunable", "prompt_input_fraction",
+                   "prompt_image_fraction", "trial_time_s", "dense_", "pruned_", "speedup",
                    "memory_", "flops_", "params_ratio", "train_speedup", "train_memory_ratio",
                    "removal_max_abs_diff")
 
@@ -359,8 +361,12 @@ class MLflowTracker(tune.Callback):
         label = " ".join(f"{k}={trial.config[k]}" for k in self.label_keys if k in trial.config)
         tags = {**self.tags, "mlflow.parentRunId": self.parent_run_id, "role": "trial",
                 "trial_id": trial.trial_id, "trial_name": str(trial)}
-        for key in ("method", "prompt", "dataset", "model", "vp_stages"):
+        for key in ("method", "prompt", "dataset", "model", "vp_stages", "schedule"):
             tags[key] = str(values.get(key))
+        try:
+            tags["layout"] = Config.from_dict(values).layout
+        except ValueError:
+            pass
         run = self.client.create_run(self.experiment_id, run_name=label or str(trial), tags=tags)
         params = {k: json.dumps(v) if isinstance(v, dict) else str(v) for k, v in values.items()}
         params.update({k: str(trial.config[k]) for k in self.points if k in trial.config})
@@ -821,11 +827,16 @@ def print_table(sweep: Sweep, rows: list[dict[str, Any]]) -> None:
 
 def run_sweep(script: str, plan: Callable[[Sweep], None], argv: list[str] | None = None, *,
               doc: str | None = None, search: str = "optuna", scheduler: str = "asha",
-              num_samples: int = 8) -> int:
+              num_samples: int = 8, flags: Callable[[argparse.ArgumentParser], list[str]] | None = None) -> int:
     """Parse flags, start (or join) Ray, open the MLflow parent run, run ``plan(sweep)``, then
-    export Parquet, print the table and call the analysis hook. Returns the exit status."""
+    export Parquet, print the table and call the analysis hook. Returns the exit status.
+
+    ``flags(parser)`` adds the script's own flags and returns their destinations: they define
+    the sweep (``--resume`` takes them from sweep.json like the common ones)."""
     parser = build_parser(script, doc, search, scheduler, num_samples)
+    own = flags(parser) if flags is not None else []
     args = parser.parse_args(argv)
+    args.own_flags = list(own)
     if args.metric.startswith("test") or args.metric.startswith("selected_test"):
         parser.error(f"--metric {args.metric}: select on validation or training metrics, never on test")
     sweep = _open_sweep(script, args)
@@ -886,7 +897,7 @@ def _open_sweep(script: str, args: argparse.Namespace) -> Sweep:
         if not meta.is_file():
             raise SystemExit(f"--resume: {meta} not found")
         saved = json.loads(meta.read_text())
-        for key in DEFINING:
+        for key in (*DEFINING, *args.own_flags):
             setattr(args, key, saved["args"][key])
         return Sweep(script, name, args, storage / name, resuming=True)
     name = args.name or f"{script}-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -32,10 +32,16 @@ def test_every_method_runs_and_reports(method, tmp_path):
     assert len(seen) == cfg.total_epochs
     assert [m["epoch"] for m in seen] == list(range(1, len(seen) + 1))
     for m in seen:
-        for key in ("train_loss", "test_acc_prompt", "test_acc_noprompt", "sparsity", "lr",
-                    "epoch_time_s", "images_per_s", "grad_steps"):
+        for key in ("train_loss", "val_acc_prompt", "val_acc_noprompt", "sparsity", "lr",
+                    "epoch_time_s", "eval_time_s", "images_per_s", "grad_steps"):
             assert math.isfinite(m[key]), key
-        assert 0 <= m["test_acc"] <= 1
+        assert 0 <= m["val_acc"] <= 1
+    # the test set is evaluated where a result reads it: end of mask finding, selected epochs
+    tested = [m for m in seen if "test_acc" in m]
+    assert {m["epoch"] for m in tested} >= {result.final["selected_epoch"]}
+    assert all(0 <= m["test_acc"] <= 1 for m in tested)
+    if any(m["stage"] == "mask" for m in seen):
+        assert "test_acc" in [m for m in seen if m["stage"] == "mask"][-1]
     expected = 0.0 if method == "dense" else 0.8
     # channel methods remove whole channels: within one channel of the target in each group (≥ 16)
     tolerance = 1 / 16 if METHODS.get(method).structured else 1e-4
@@ -68,10 +74,34 @@ def test_an_identity_prompt_is_evaluated_once(method, passes, tmp_path, monkeypa
         return evaluate(self, dataset, prompted)
     monkeypatch.setattr(Trial, "evaluate", counting)
     seen = []
-    run_trial(tiny(method=method), tmp_path, reporter=seen.append)
+    run_trial(tiny(method=method, test_every_epoch=True), tmp_path, reporter=seen.append)
     assert len(calls) == 2 * passes * len(seen)  # test and validation splits, every epoch
     if passes == 1:  # HYDRA's prompt stays at zero: both columns are the one unprompted pass
         assert all(m["test_acc_prompt"] == m["test_acc_noprompt"] for m in seen)
+        assert set(calls) == {False}  # a method without a prompt only ever runs plain passes
+
+
+def test_test_set_only_where_read_gives_the_same_selected_results(tmp_path, monkeypatch):
+    """Skipping the test passes nobody reads changes no number that is read, and saves passes."""
+    calls = {}
+    evaluate = Trial.evaluate
+
+    def counting(self, dataset, prompted):
+        split = "test" if dataset is self.data.test else "val"
+        calls[self.cfg.test_every_epoch, split] = calls.get((self.cfg.test_every_epoch, split), 0) + 1
+        return evaluate(self, dataset, prompted)
+    monkeypatch.setattr(Trial, "evaluate", counting)
+    cfg = tiny(mask_epochs=3, tune_epochs=3)
+    lean = run_trial(cfg, tmp_path / "lean")
+    full = run_trial(cfg.replace(test_every_epoch=True), tmp_path / "full")
+    for key in ("selected_epoch", "selected_val_acc", "selected_test_acc", "selected_test_acc_prompt",
+                "selected_test_acc_noprompt", "mask_stage_test_acc_prompt", "mask_stage_test_acc_noprompt"):
+        assert lean.final[key] == full.final[key], key
+    assert [h["val_acc"] for h in lean.history] == [h["val_acc"] for h in full.history]
+    assert calls[True, "val"] == calls[False, "val"] == 2 * 6  # both passes, every epoch
+    assert calls[True, "test"] == 2 * 6
+    tested = [h["epoch"] for h in lean.history if "test_acc" in h]
+    assert calls[False, "test"] == 2 * len(tested) and 3 in tested and len(tested) < 6
 
 
 def test_pruned_weights_zero_after_tuning_and_export_loads_plainly(tmp_path):
@@ -116,8 +146,11 @@ def test_resume_equals_uninterrupted_run(tmp_path):
         run_trial(cfg, work, reporter=rest.append)
         assert len(part) + len(rest) == len(full)
         for a, b in zip(part + rest, full):
-            for key in ("train_loss", "test_acc_prompt", "test_acc_noprompt", "sparsity"):
-                assert a[key] == pytest.approx(b[key], abs=1e-6), (stop_after, key)
+            for key in ("train_loss", "val_acc_prompt", "val_acc_noprompt", "test_acc_prompt",
+                        "test_acc_noprompt", "sparsity"):
+                assert (key in a) == (key in b), (stop_after, key)
+                if key in a:
+                    assert a[key] == pytest.approx(b[key], abs=1e-6), (stop_after, key)
 
 
 def test_corrupt_checkpoint_and_config_mismatch_are_refused(tmp_path):

@@ -65,9 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     from .train import run_trial
 
     def report(m):
+        test = (f"test {m['test_acc_prompt']:.3f} (prompt) / {m['test_acc_noprompt']:.3f} (no prompt) "
+                if "test_acc" in m else "")  # the test set is evaluated where a result reads it
         print(f"[{m['stage']} {m['stage_epoch']}] loss {m['train_loss']:.3f} train {m['train_acc']:.3f} "
-              f"test {m['test_acc_prompt']:.3f} (prompt) / {m['test_acc_noprompt']:.3f} (no prompt) "
-              f"sparsity {m['sparsity']:.3f} {m['epoch_time_s']:.1f}s", flush=True)
+              f"val {m['val_acc_prompt']:.3f} (prompt) / {m['val_acc_noprompt']:.3f} (no prompt) "
+              f"{test}sparsity {m['sparsity']:.3f} {m['epoch_time_s']:.1f}s", flush=True)
 
     t0 = time.time()
     result = run_trial(cfg, Path(ns.out), reporter=report, resume=not ns.no_resume)

@@ -36,7 +36,8 @@ class Config:
     pretrained: bool = True
     source_checkpoint: str | None = None
     head: str = "flm"                   # flm | ilm (mapping recomputed every epoch) | linear
-    label_mapping_samples: int = 1000   # training images used to compute the label mapping
+    label_mapping_samples: int | None = 1000  # training images (stratified, seeded) that set
+                                        # the label mapping; None = the whole training split
     bn_momentum: float | None = 0.1     # None keeps the model's own (Lite0 ships TF's 0.01)
     bn_recalibrate_batches: int = 0     # >0: re-estimate BN statistics after the mask is set
     # --- prompt -----------------------------------------------------------------------------
@@ -46,7 +47,7 @@ class Config:
     pad_size: int = 8
     prompt_size: int | None = None      # fix/random square; None = same tunable count as pad
     vp_stages: str = "both"             # both | mask | tune | none (none = HYDRA)
-    schedule: str = "paper"             # paper | reference (alternating prompted/plain steps)
+    schedule: str = "paper"             # paper | reference (the authors' two-step loop; see README)
     # --- pruning ----------------------------------------------------------------------------
     method: str = "vpns"
     sparsity: float = 0.5
@@ -88,6 +89,7 @@ class Config:
     num_workers: int = 0
     num_threads: int | None = None      # torch CPU threads (None = torch's default)
     eval_batch_size: int = 256
+    test_every_epoch: bool = False      # False: test only where read (end of mask finding, selected epochs)
     max_steps_per_epoch: int | None = None  # cap for smoke tests and quick sweeps
     tags: dict[str, str] = field(default_factory=dict)
 
@@ -141,6 +143,43 @@ class Config:
         return sum(epochs for _, epochs in self.stage_plan)
 
     @property
+    def plain_frame(self) -> bool:
+        """Whether unprompted passes keep the zero frame: yes under ``paper`` (the paper's
+        equations); under ``reference`` the network sees the bare ``input_size`` image, as in
+        the authors' code."""
+        return self.schedule == "paper"
+
+    @property
+    def lr_per_epoch(self) -> bool:
+        """Cosine decay stepped once per epoch (the authors' code) instead of every step."""
+        return self.schedule == "reference"
+
+    @property
+    def layout(self) -> str:
+        """Where the pad prompt lies (MISSION.md, geometry): ``over_image`` (input = output, the
+        authors' default: the prompt overlays the image's border), ``around_image`` (a shrunk
+        image in a zero frame, the prompt on the frame only) or ``partly_over_image`` (a pad
+        wider than the frame's border)."""
+        border = (self.output_size - self.input_size) // 2
+        if border == 0:
+            return "over_image"
+        return "around_image" if self.pad_size <= border else "partly_over_image"
+
+    @property
+    def prompt_input_fraction(self) -> float:
+        """Share of the network's input pixels the pad prompt can change."""
+        inner = max(0, self.output_size - 2 * self.pad_size)
+        return 1.0 - inner**2 / self.output_size**2
+
+    @property
+    def prompt_image_fraction(self) -> float:
+        """Share of the image's own pixels the pad prompt overlays (0 around the image)."""
+        lo = (self.output_size - self.input_size) // 2
+        inner_lo, inner_hi = self.pad_size, self.output_size - self.pad_size
+        side = max(0, min(lo + self.input_size, inner_hi) - max(lo, inner_lo))
+        return 1.0 - side**2 / self.input_size**2
+
+    @property
     def resolved_prompt_size(self) -> int:
         from .prompts import equal_param_prompt_size
         return self.prompt_size or equal_param_prompt_size(self.output_size, self.pad_size)
@@ -187,6 +226,9 @@ class Config:
         for name in ("weight_decay", "momentum", "bip_implicit_lr"):
             if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) >= 0):
                 fail(name, "must be a non-negative number")
+        for name in ("download", "pretrained", "prune_first", "prune_head", "amp", "test_every_epoch"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "must be True or False")
         if not (isinstance(self.sparsity, (int, float)) and 0.0 <= self.sparsity < 1.0):
             fail("sparsity", "must be in [0, 1)")
         if not (isinstance(self.lth_rate, (int, float)) and 0.0 < self.lth_rate < 1.0):

@@ -392,6 +392,16 @@ def _stratified(labels: np.ndarray, n_first: int, n_second: int,
     return np.sort(np.concatenate(first)), np.sort(np.concatenate(second))
 
 
+def stratified_sample(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` sorted positions drawn from ``rng`` across the whole of ``labels``, each class in
+    proportion to its count: the same ``n`` images however the split is ordered (a dataset
+    stored class by class included). ``n >= len(labels)`` gives every position."""
+    labels = np.asarray(labels)
+    if n >= len(labels):
+        return np.arange(len(labels))
+    return _stratified(labels, n, 0, rng)[0]
+
+
 @dataclass
 class DataSplits:
     """``train``: uint8 [3, S, S] with S = train_load_size(input_size), to be cropped/flipped on

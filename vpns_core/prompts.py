@@ -37,20 +37,28 @@ def equal_param_prompt_size(output_size: int, pad_size: int) -> int:
 class Prompt(nn.Module):
     """Base class: centre zero-padding from ``input_size`` to ``output_size`` and normalisation."""
 
-    def __init__(self, input_size: int, output_size: int, mean, std) -> None:
+    def __init__(self, input_size: int, output_size: int, mean, std, plain_frame: bool = True) -> None:
         super().__init__()
         self.input_size = input_size
         self.output_size = output_size
+        #: whether an unprompted pass keeps the zero frame (``output_size``) or sees the bare
+        #: ``input_size`` image, as the authors' unprompted steps and evaluation do
+        self.plain_frame = plain_frame
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
         lo = (output_size - input_size) // 2
         self._pad = (lo, output_size - input_size - lo, lo, output_size - input_size - lo)
 
-    def place(self, x: Tensor) -> Tensor:
-        """Resize ``x`` to ``input_size`` if needed and zero-pad it centrally to ``output_size``."""
+    def resize(self, x: Tensor) -> Tensor:
+        """``x`` resized to ``input_size`` if it is not already."""
         if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
                               antialias=True, align_corners=False)
+        return x
+
+    def place(self, x: Tensor) -> Tensor:
+        """Resize ``x`` to ``input_size`` if needed and zero-pad it centrally to ``output_size``."""
+        x = self.resize(x)
         return F.pad(x, self._pad) if self.output_size != self.input_size else x
 
     def perturbation(self, x: Tensor) -> Tensor | None:
@@ -58,9 +66,14 @@ class Prompt(nn.Module):
         return None
 
     def forward(self, x: Tensor, enabled: bool = True) -> Tensor:
-        """Prompt and normalise ``x``; ``enabled=False`` evaluates without the prompt."""
+        """Prompt and normalise ``x``; ``enabled=False`` evaluates without the prompt: in the
+        zero frame (``plain_frame``, the paper's equations) or the bare resized image (the
+        authors' code); a prompt type without a perturbation is always a plain pass."""
+        prompted = enabled and type(self).perturbation is not Prompt.perturbation
+        if not prompted and not self.plain_frame:
+            return (self.resize(x) - self.mean) / self.std
         x = self.place(x)
-        delta = self.perturbation(x) if enabled else None
+        delta = self.perturbation(x) if prompted else None
         if delta is not None:
             # Clamp to [0, 1] with a straight-through gradient: torch's clamp has zero gradient
             # at the bounds, so a zero-initialised prompt over zero padding would never move.
@@ -120,6 +133,10 @@ class Prompt(nn.Module):
         zero)."""
         return type(self).perturbation is Prompt.perturbation
 
+    def _same_frame(self) -> bool:
+        """Whether prompted and plain passes place the image in the same frame."""
+        return self.plain_frame or self.input_size == self.output_size
+
     def image(self) -> Tensor:
         """The prompt as a ``[3, out, out]`` picture in [0, 1] over a grey canvas, for logging."""
         canvas = torch.full((1, 3, self.output_size, self.output_size), 0.5,
@@ -162,8 +179,9 @@ class NoPrompt(Prompt):
 class PadPrompt(Prompt):
     """Tunable border of width ``pad_size`` over a full-size ``delta`` (zero init)."""
 
-    def __init__(self, input_size: int, output_size: int, mean, std, pad_size: int) -> None:
-        super().__init__(input_size, output_size, mean, std)
+    def __init__(self, input_size: int, output_size: int, mean, std, pad_size: int,
+                 plain_frame: bool = True) -> None:
+        super().__init__(input_size, output_size, mean, std, plain_frame)
         self.pad_size = pad_size
         mask = torch.ones(1, 1, output_size, output_size)
         inner = output_size - 2 * pad_size
@@ -176,8 +194,9 @@ class PadPrompt(Prompt):
         return self.delta * self.mask
 
     def is_identity(self) -> bool:
-        """An all-zero border adds nothing (its zero init, kept by every method without VP)."""
-        return not bool((self.delta * self.mask).any())
+        """An all-zero border adds nothing (its zero init, kept by every method without VP),
+        unless the plain pass drops the frame the prompted pass has."""
+        return self._same_frame() and not bool((self.delta * self.mask).any())
 
     @property
     def tunable_count(self) -> int:
@@ -187,8 +206,9 @@ class PadPrompt(Prompt):
 class _PatchPrompt(Prompt):
     """A ``prompt_size`` square patch ``sigmoid(delta)`` placed on an ``out x out`` canvas."""
 
-    def __init__(self, input_size: int, output_size: int, mean, std, prompt_size: int) -> None:
-        super().__init__(input_size, output_size, mean, std)
+    def __init__(self, input_size: int, output_size: int, mean, std, prompt_size: int,
+                 plain_frame: bool = True) -> None:
+        super().__init__(input_size, output_size, mean, std, plain_frame)
         self.prompt_size = prompt_size
         self.delta = nn.Parameter(torch.zeros(1, 3, prompt_size, prompt_size))
 
@@ -228,12 +248,13 @@ class RandomPrompt(_PatchPrompt):
 
 
 def build_prompt(kind: str, *, input_size: int, output_size: int, mean, std,
-                 pad_size: int = 0, prompt_size: int | None = None) -> Prompt:
-    """Create a prompt by name; ``prompt_size`` None means equal tunable count to ``pad_size``."""
+                 pad_size: int = 0, prompt_size: int | None = None, plain_frame: bool = True) -> Prompt:
+    """Create a prompt by name; ``prompt_size`` None means equal tunable count to ``pad_size``;
+    ``plain_frame=False`` feeds unprompted passes the bare ``input_size`` image."""
     cls = PROMPTS.get(kind, "prompt")
     if cls is PadPrompt:
-        return cls(input_size, output_size, mean, std, pad_size=pad_size)
+        return cls(input_size, output_size, mean, std, pad_size=pad_size, plain_frame=plain_frame)
     if issubclass(cls, _PatchPrompt):
         size = prompt_size or equal_param_prompt_size(output_size, pad_size)
-        return cls(input_size, output_size, mean, std, prompt_size=size)
-    return cls(input_size, output_size, mean, std)
+        return cls(input_size, output_size, mean, std, prompt_size=size, plain_frame=plain_frame)
+    return cls(input_size, output_size, mean, std, plain_frame=plain_frame)

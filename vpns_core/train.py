@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -31,7 +32,7 @@ from torch.utils.data import DataLoader, Subset
 
 from .checkpoint import CheckpointError, atomic_save, rng_state, safe_load, seed_everything, set_rng_state
 from .config import Config
-from .data import DataSplits, build_data, random_crop_flip
+from .data import DataSplits, build_data, random_crop_flip, stratified_sample
 from .label_mapping import LabelMap, frequency_label_mapping
 from .masking import MaskedNetwork, plain_state_dict
 from .methods import METHODS
@@ -120,7 +121,10 @@ class Trial:
         self.prompt: Prompt = build_prompt(cfg.prompt, input_size=cfg.input_size,
                                            output_size=cfg.output_size, mean=source.mean,
                                            std=source.std, pad_size=cfg.pad_size,
-                                           prompt_size=cfg.resolved_prompt_size)
+                                           prompt_size=cfg.resolved_prompt_size,
+                                           plain_frame=cfg.plain_frame)
+        #: whether this trial's method ever feeds the prompt (else every pass is a plain one)
+        self.uses_prompt = cfg.effective_vp_stages != "none"
         self.model.to(self.device)
         self.prompt.to(self.device)
         self.prompt.share_input_gradient(first_layer(self.model)[1])  # batch-summed input grad
@@ -157,9 +161,11 @@ class Trial:
         self.history: list[dict[str, Any]] = []
         self.completed: list[str] = []
         self.grad_steps = 0
+        self.prompted_steps = 0
         self.forward_passes = 0
         self.backward_passes = 0
         self.wall_time = 0.0
+        self.eval_time = 0.0  # validation, test and label mapping passes (cumulative)
         self._stage_step: StepFn | None = None
         self._after_backward: Callable[[], None] | None = None
         self.best: dict[str, Any] | None = None
@@ -228,16 +234,32 @@ class Trial:
         n = len(dataset)
         return correct.item() / n, loss.item() / n
 
+    def label_mapping_indices(self) -> np.ndarray:
+        """Positions in the training split whose images set the label mapping: all of them
+        (``label_mapping_samples=None``, as the authors' code), or that many drawn from
+        ``data_seed`` across the whole split, stratified by class. Never the first N: a dataset
+        stored class by class would map most classes from no image at all. Fixed by the config,
+        so a resumed trial maps from the same images."""
+        data, n = self.data.train_eval, self.cfg.label_mapping_samples
+        if n is None or n >= len(data):
+            return np.arange(len(data))
+        rng = np.random.default_rng([self.cfg.data_seed, 3])
+        labels = getattr(data, "labels", None)
+        if labels is None:  # labels unknown without decoding: a plain seeded draw
+            return np.sort(rng.permutation(len(data))[:n])
+        return stratified_sample(labels, n, rng)
+
     @torch.no_grad()
     def compute_label_mapping(self, prompted: bool) -> Tensor:
-        """FLM over ``label_mapping_samples`` training images (test-time transform)."""
+        """FLM over the training images of :meth:`label_mapping_indices` (test-time transform)."""
         if self.label_map.identity:
             return self.label_map.mapping
         data = self.data.train_eval
-        n = min(len(data), self.cfg.label_mapping_samples)
+        indices = self.label_mapping_indices()
         self.model.eval()
         preds, targets = [], []
-        for x, y in self._loader(Subset(data, range(n)), train=False):
+        subset = data if len(indices) == len(data) else Subset(data, indices.tolist())
+        for x, y in self._loader(subset, train=False):
             x, y = self._to_device(x, y)
             with self.autocast():
                 preds.append(self.model(self.prompt(x, enabled=prompted)).argmax(1))
@@ -368,7 +390,10 @@ class Trial:
             p.requires_grad_(id(p) in trainable)
         opt = self._optimizer(optimizer, groups)
         steps_per_epoch = self._steps_per_epoch()
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * steps_per_epoch))
+        # Cosine decay per step (paper schedule) or per epoch (the authors' code steps it once
+        # an epoch, so epoch e trains at lr * (1 + cos(pi e / E)) / 2).
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+            opt, T_max=max(1, epochs if cfg.lr_per_epoch else epochs * steps_per_epoch))
         start = 0
         state = self.resume_state
         if state is not None and state["stage"] == stage:
@@ -379,7 +404,9 @@ class Trial:
             set_rng_state(state["rng"])
             self.resume_state = None
         elif not self.mapping_done:
-            self.compute_label_mapping(prompted=False)  # after the threshold is set, zero prompt
+            # After the threshold is set, with the zero-initialised prompt: the frame a prompted
+            # pass sees (the authors' code), or the plain input for a method without a prompt.
+            self.compute_label_mapping(prompted=self.uses_prompt)
             self.mapping_done = True
         if recalibrate and start == 0:
             self.recalibrate_bn(prompted)
@@ -391,9 +418,12 @@ class Trial:
             lrs = [g["lr"] for g in opt.param_groups]  # at the start of the epoch
             t0 = time.perf_counter()
             train_metrics = self._train_epoch(stage, epoch, opt, sched, prompted, steps_per_epoch)
+            if cfg.lr_per_epoch:
+                sched.step()
             elapsed = time.perf_counter() - t0
             self.wall_time += elapsed
-            metrics = self._epoch_metrics(stage, epoch, prompted, train_metrics, elapsed, lrs)
+            metrics = self._epoch_metrics(stage, epoch, prompted, train_metrics, elapsed, lrs,
+                                          last_of_stage=epoch == epochs - 1)
             metrics.update(extra_metrics or {})
             self.history.append(metrics)
             last = epoch == epochs - 1
@@ -415,33 +445,43 @@ class Trial:
 
     def _train_epoch(self, stage: str, epoch: int, opt, sched, prompted: bool,
                      steps: int) -> dict[str, float]:
+        """One epoch of ``steps`` iterations.
+
+        ``paper`` schedule: one step per iteration on an augmented batch, prompted if the stage
+        uses the prompt. ``reference`` schedule (the authors' code) with the prompt: two steps
+        per iteration, first on a prompted batch with the test-time transform, drawn from its
+        own shuffle of the training split, then on an unprompted augmented batch from an
+        independent shuffle; every optimised group (scores or weights) takes both steps, the
+        prompt only gets a gradient from the first. Without the prompt: one unprompted step.
+        """
         cfg = self.cfg
         self.model.train()
         seed = self._epoch_seed(stage, epoch)
-        order = torch.Generator().manual_seed(seed)
         augment = torch.Generator(device=self.device).manual_seed(seed)
-        loader = self._loader(self.data.train, train=True, generator=order)
-        # "reference" schedule: each iteration also takes a prompted step on the same images with
-        # the test-time transform, followed by an unprompted step on the augmented batch.
+        loader = self._loader(self.data.train, train=True, generator=torch.Generator().manual_seed(seed))
         two_step = cfg.schedule == "reference" and prompted
-        plain = self._loader(self.data.train_eval, train=True,
-                             generator=torch.Generator().manual_seed(seed)) if two_step else None
+        if two_step:  # a second, independent stream (an LCG step away from every epoch's seed)
+            prompted_seed = (seed * 6364136223846793005 + 1442695040888963407) % 2**62
+            prompted_loader = self._loader(self.data.train_eval, train=True,
+                                           generator=torch.Generator().manual_seed(prompted_seed))
+            batches = zip(loader, prompted_loader)
+        else:
+            batches = ((b, None) for b in loader)
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device)
         seen = 0
         check_every = 1 if self.device.type == "cpu" else 25
-        batches = zip(loader, plain) if two_step else ((b, None) for b in loader)
-        for step, (batch, plain_batch) in enumerate(batches):
+        per_step = not cfg.lr_per_epoch
+        for step, (batch, prompted_batch) in enumerate(batches):
             if step >= steps:
                 break
+            if two_step:
+                xp, yp = self._to_device(*prompted_batch)
+                self._step(opt, sched, xp, yp, prompted=True, scheduler_step=False)
             x, y = self._to_device(*batch)
             x = random_crop_flip(x, cfg.input_size, augment)
-            if two_step:
-                xp, yp = self._to_device(*plain_batch)
-                self._step(opt, sched, xp, yp, prompted=True, scheduler_step=False)
-                loss, logits = self._step(opt, sched, x, y, prompted=False)
-            else:
-                loss, logits = self._step(opt, sched, x, y, prompted=prompted)
+            loss, logits = self._step(opt, sched, x, y, prompted=prompted and not two_step,
+                                      scheduler_step=per_step)
             loss_sum += loss.detach() * len(y)
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
@@ -473,24 +513,43 @@ class Trial:
         if scheduler_step:
             sched.step()
         self.grad_steps += 1
+        self.prompted_steps += int(prompted)
         return loss, logits
 
     def _epoch_metrics(self, stage: str, epoch: int, prompted: bool, train: dict[str, float],
-                       elapsed: float, lrs: list[float]) -> dict[str, Any]:
+                       elapsed: float, lrs: list[float], last_of_stage: bool = False) -> dict[str, Any]:
+        """The epoch's row. Validation is evaluated every epoch (with and without the prompt);
+        the test set only where a result reads it (``cfg.test_every_epoch`` False): at the end
+        of mask finding and at each tuning epoch that becomes the validation-selected one."""
         cfg = self.cfg
         if self.net.mode == "score":
             self.net.refresh()
-        # A prompt that adds nothing (none, or a pad prompt still at its zero init, as in every
-        # method without VP) gives the same numbers with and without it: one pass, not two.
-        passes = (True,) if self.prompt.is_identity() else (True, False)
-        test = {p: self.evaluate(self.data.test, prompted=p) for p in passes}
+        t0 = time.perf_counter()
+        # A method without a prompt has one (plain) pass; a prompt that adds nothing (a pad
+        # prompt still at its zero init, in the same frame) gives the same numbers with and
+        # without it: one pass, not two.
+        if not self.uses_prompt:
+            passes = (False,)
+        else:
+            passes = (True,) if self.prompt.is_identity() else (True, False)
         val = {p: self.evaluate(self.data.val, prompted=p)[0] if len(self.data.val) else math.nan
                for p in passes}
-        (test_p, test_loss), test_n = test[True], test[passes[-1]][0]
-        val_p, val_n = val[True], val[passes[-1]]
+        val_p, val_n = val[passes[0]], val[passes[-1]]
         # Headline accuracy: prompted when this stage trains with the prompt under the paper
         # schedule; the reference code measures without the prompt.
         headline_prompted = prompted and cfg.schedule == "paper"
+        val_acc = val_p if headline_prompted else val_n
+        selected = stage == "tune" and (self.best is None or val_acc > self.best["val_acc"])
+        tested = cfg.test_every_epoch or selected or (stage == "mask" and last_of_stage)
+        test_metrics: dict[str, float] = {}
+        if tested:
+            test = {p: self.evaluate(self.data.test, prompted=p) for p in passes}
+            (test_p, test_loss), test_n = test[passes[0]], test[passes[-1]][0]
+            test_metrics = {"test_loss": test_loss, "test_acc_prompt": test_p,
+                            "test_acc_noprompt": test_n,
+                            "test_acc": test_p if headline_prompted else test_n}
+        eval_time = time.perf_counter() - t0
+        self.eval_time += eval_time
         if self.channels is not None:  # channel methods: sparsity = channel sparsity
             ch = self.channels.report()
             report = {"sparsity": ch["channel_sparsity"],
@@ -507,29 +566,29 @@ class Trial:
             "epoch": len(self.history) + 1,
             "train_loss": train["train_loss"],
             "train_acc": train["train_acc"],
-            "test_loss": test_loss,
-            "test_acc_prompt": test_p,
-            "test_acc_noprompt": test_n,
-            "test_acc": test_p if headline_prompted else test_n,
+            **test_metrics,
             "val_acc_prompt": val_p,
             "val_acc_noprompt": val_n,
-            "val_acc": val_p if headline_prompted else val_n,
+            "val_acc": val_acc,
             "sparsity": report["sparsity"],
             "sparsity_all_layers": report["sparsity_all_layers"],
             "min_layer_density": report["min_layer_density"],
             "lr": lrs[0],
             "prompt_lr": lrs[-1] if prompted else 0.0,
             "epoch_time_s": elapsed,
+            "eval_time_s": eval_time,
             "images_per_s": train["images"] / elapsed if elapsed > 0 else 0.0,
             "grad_steps": self.grad_steps,
+            "prompted_steps": self.prompted_steps,
             "forward_passes": self.forward_passes,
             "backward_passes": self.backward_passes,
             "wall_time_s": self.wall_time,
         }
-        if stage == "tune" and (self.best is None or metrics["val_acc"] > self.best["val_acc"]):
-            self.best = {"val_acc": metrics["val_acc"], "epoch": metrics["epoch"],
-                         "test_acc": metrics["test_acc"], "test_acc_prompt": test_p,
-                         "test_acc_noprompt": test_n}
+        if selected:
+            self.best = {"val_acc": val_acc, "epoch": metrics["epoch"],
+                         "test_acc": test_metrics["test_acc"],
+                         "test_acc_prompt": test_metrics["test_acc_prompt"],
+                         "test_acc_noprompt": test_metrics["test_acc_noprompt"]}
             self._keep_best()
         return metrics
 
@@ -560,9 +619,11 @@ class Trial:
             "rng": rng_state(),
             "history": self.history,
             "grad_steps": self.grad_steps,
+            "prompted_steps": self.prompted_steps,
             "forward_passes": self.forward_passes,
             "backward_passes": self.backward_passes,
             "wall_time": self.wall_time,
+            "eval_time": self.eval_time,
             "best": self.best,
             "best_state": getattr(self, "best_state", None),
             "channels": self.channels.state() if self.channels is not None else None,
@@ -592,9 +653,11 @@ class Trial:
         self.completed = list(state["completed"])
         self.history = list(state["history"])
         self.grad_steps = state["grad_steps"]
+        self.prompted_steps = state.get("prompted_steps", 0)
         self.forward_passes = state.get("forward_passes", 0)
         self.backward_passes = state.get("backward_passes", 0)
         self.wall_time = state["wall_time"]
+        self.eval_time = state.get("eval_time", 0.0)
         self.best = state["best"]
         if state["best_state"] is not None:
             self.best_state = state["best_state"]
@@ -695,7 +758,11 @@ class Trial:
         if self.channels is not None:
             final.update(self._efficiency())
             final["removal_max_abs_diff"] = self.removal_max_abs_diff
-        final["prompt_tunable"] = self.prompt.tunable_count if self.cfg.effective_vp_stages != "none" else 0
+        final["trial_time_s"] = self.wall_time + self.eval_time  # training and evaluation
+        final["prompt_tunable"] = self.prompt.tunable_count if self.uses_prompt else 0
+        pad = self.uses_prompt and self.cfg.prompt == "pad"
+        final["prompt_input_fraction"] = self.cfg.prompt_input_fraction if pad else 0.0
+        final["prompt_image_fraction"] = self.cfg.prompt_image_fraction if pad else 0.0
         return TrialResult(self.cfg, final, list(self.history), stats, self.workdir)
 
 
