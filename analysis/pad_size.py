@@ -18,7 +18,12 @@ def build(runs: Runs) -> Figure:
     trials["pad_px"] = trials["config.pad_size"].where(trials["config.prompt"] != "none", 0).astype(int)
     frames = ", ".join(f"{i} px image in a {o} px frame" for i, o in
                        ordered(zip(trials["config.input_size"], trials["config.output_size"])))
-    return accuracy_figure(runs, trials, name=NAME, title=TITLE, x="pad_px",
+    pads, none = trials[trials["pad_px"] > 0], trials[trials["pad_px"] == 0]
+    if pads.empty:  # only the no-prompt setting ran: plot it as the one point
+        pads, none = trials, None
+    return accuracy_figure(runs, pads, name=NAME, title=TITLE, x="pad_px",
                            xlabel="pad width (px per side)",
                            tick_label=lambda v: "none" if v == 0 else f"{v}",
-                           setting=f"Input size fixed: {frames}; pad 'none' = no prompt.")
+                           setting=f"Input size fixed: {frames}. Dotted line and grey band: the "
+                                   f"same pruning without any prompt (mean ± std over seeds).",
+                           reference=none, reference_label="no prompt")

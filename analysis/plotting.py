@@ -334,18 +334,63 @@ def accuracy_notes(table: pd.DataFrame, label: Callable[[pd.Series], str]) -> li
 
 def accuracy_figure(runs: Runs, trials: pd.DataFrame, *, name: str, title: str, x: str,
                     xlabel: str, setting: str, categorical: bool = False, order: Sequence = (),
-                    tick_label: Callable[[Any], str] = str) -> Figure:
+                    tick_label: Callable[[Any], str] = str,
+                    reference: pd.DataFrame | None = None, reference_label: str = "") -> Figure:
     """The ablation figure: accuracy (with / without prompt, after tuning / after mask finding)
-    against one axis ``x`` of ``trials``, seeds aggregated; ``setting`` names what is fixed."""
+    against one axis ``x`` of ``trials``, seeds aggregated; ``setting`` names what is fixed.
+
+    ``reference`` (trials of one setting, e.g. no prompt) is drawn in every panel as a line with
+    a ± std band, and the caption says which points differ from it beyond seed noise."""
     table = aggregate(trials, [x], ACCURACY)
     def label(row: dict) -> str:
         return f"{xlabel.split(' (')[0]} {tick_label(row[x])}"
-    caption = [f"{context(runs, trials)}. {setting}", ACCURACY_NOTE, *accuracy_notes(table, label),
-               status_note(table, label), *marker_note(table)]
-    full_title = f"{title}\n{context(runs, trials)}"
+    refs, ref_notes = {}, []
+    if reference is not None and len(reference):
+        ref_table = aggregate(reference, [x], ACCURACY)
+        ref = ref_table.iloc[0]
+        for stem in ("test_prompt_pct", "mask_prompt_pct"):  # one band per panel
+            if ref.get(f"{stem}_n", 0) > 0:
+                refs[(None, stem)] = (ref[f"{stem}_mean"], ref[f"{stem}_std"], reference_label)
+        ref_notes = [reference_note(table, ref, stem, label, what, reference_label)
+                     for stem, what in (("test_prompt_pct", "After weight tuning"),
+                                        ("mask_prompt_pct", "After mask finding"))]
+    caption = [f"{context(runs, trials if reference is None else pd.concat([trials, reference]))}. "
+               f"{setting}", ACCURACY_NOTE, *[n for n in ref_notes if n],
+               *accuracy_notes(table, label), status_note(table, label), *marker_note(table)]
+    full_title = f"{title}\n{context(runs, trials if reference is None else pd.concat([trials, reference]))}"
     fig = draw(table, x=x, panels=accuracy_panels(table), xlabel=xlabel, title=full_title,
-               caption=caption, categorical=categorical, order=order, tick_label=tick_label)
+               caption=caption, categorical=categorical, order=order, tick_label=tick_label,
+               refs=refs or None)
+    if refs:  # the reference's numbers travel with the plotted ones (CSV, closing note)
+        table = pd.concat([ref_table, table], ignore_index=True)
     return Figure(name, title, fig, table, caption, label=label)
+
+
+def reference_note(table: pd.DataFrame, ref: pd.Series, stem: str, label: Callable[[dict], str],
+                   what: str, ref_label: str) -> str:
+    """Which points lie above / below the reference (e.g. no prompt) beyond seed noise: their
+    mean ± std intervals do not overlap. Says so when either side has fewer than two seeds."""
+    if ref.get(f"{stem}_n", 0) == 0 or not has(table, stem):
+        return ""
+    mean, std = ref[f"{stem}_mean"], ref[f"{stem}_std"]
+    rows = [r for r in table.to_dict("records") if r[f"{stem}_n"] > 0]
+    head = f"{what}, against {ref_label} ({fmt(mean, std)})"
+    if math.isnan(std):
+        return f"{head}: {ref_label} has one seed, so no difference can be judged against seed noise."
+    judged = [r for r in rows if r[f"{stem}_n"] >= 2]
+    above = [r for r in judged if r[f"{stem}_mean"] - r[f"{stem}_std"] > mean + std]
+    below = [r for r in judged if r[f"{stem}_mean"] + r[f"{stem}_std"] < mean - std]
+    within = [r for r in judged if r not in above and r not in below]
+    parts = []
+    if above:
+        parts.append("above beyond seed noise: " + ", ".join(label(r) for r in above))
+    if below:
+        parts.append("below beyond seed noise: " + ", ".join(label(r) for r in below))
+    if within:
+        parts.append("within seed noise, i.e. no difference: " + ", ".join(label(r) for r in within))
+    if len(judged) < len(rows):
+        parts.append("not judged (one seed): " + ", ".join(label(r) for r in rows if r not in judged))
+    return f"{head}: " + "; ".join(parts) + "."
 
 
 # --- saving --------------------------------------------------------------------------------------

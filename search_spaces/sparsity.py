@@ -26,3 +26,13 @@ def levels(preset: str) -> list[float]:
 
 def space(preset: str) -> dict:
     return {"sparsity": levels(preset)}
+
+
+#: the headline comparison of the default preset: VPNs, HYDRA and OMP at 90% (``dense`` is its
+#: own phase); ``--full`` runs every registered method at every level instead
+HEADLINE = {"method": ["vpns", "hydra", "omp"], "sparsity": [0.9]}
+
+
+def headline(preset: str) -> dict | None:
+    """The default grid of ``sweeps/sparsity_curves.py`` (None: the full grid is the default)."""
+    return pick(preset, paper=None, default=dict(HEADLINE), tiny=None)

@@ -84,6 +84,9 @@ def check_pad(table, figure):
     assert "fewer than two seeds" in text  # pad 16 has one seed: noise not measured there
     assert "pad width 16: 1/3 seeds finished (1 stopped early, 1 missing)" in text
     assert "pad width 8: 2/3 seeds finished (1 failed)" in text
+    # no prompt is the reference band: pad 8 (71 ± 1.4) lies above 62 ± 2 beyond seed noise
+    assert ("After weight tuning, against no prompt (62.0 ± 2.0%): above beyond seed noise: "
+            "pad width 8; not judged (one seed): pad width 16.") in text
 
 
 def input_rows():

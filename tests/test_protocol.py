@@ -199,3 +199,18 @@ def test_prompt_plain_pass_without_the_frame():
     same = build_prompt("pad", input_size=32, output_size=32, mean=(0.5,) * 3, std=(0.5,) * 3,
                         pad_size=4, plain_frame=False)
     assert same.is_identity()  # input = output: nothing to drop
+
+
+def test_an_inert_prompt_is_hydra_exactly(tmp_path):
+    """VPNs whose prompt cannot move (learning rate 1e-30) is the same computation as HYDRA
+    under the paper schedule: any difference would be a bug in the prompted path."""
+    cfg = tiny(mask_epochs=2, tune_epochs=2)
+    hydra = Trial(cfg.replace(method="hydra"), tmp_path / "h")
+    inert = Trial(cfg.replace(method="vpns", mask_prompt_lr=1e-30, tune_prompt_lr=1e-30), tmp_path / "v")
+    a, b = hydra.run(), inert.run()
+    assert 0 < float(inert.prompt.delta.detach().abs().max()) < 1e-25  # trained, by nothing
+    for key in ("train_loss", "val_acc_noprompt", "sparsity"):
+        assert [h[key] for h in a.history] == [h[key] for h in b.history], key
+    assert b.final["selected_test_acc_prompt"] == a.final["selected_test_acc"]
+    for (name, layer), (_, other) in zip(hydra.net.layers, inert.net.layers):
+        assert torch.equal(layer.weight, other.weight), name
