@@ -214,3 +214,21 @@ def test_an_inert_prompt_is_hydra_exactly(tmp_path):
     assert b.final["selected_test_acc_prompt"] == a.final["selected_test_acc"]
     for (name, layer), (_, other) in zip(hydra.net.layers, inert.net.layers):
         assert torch.equal(layer.weight, other.weight), name
+
+
+def test_channels_last_is_chosen_for_depthwise_models_and_changes_no_value(tmp_path):
+    from vpns_core.models import build_model, prefers_channels_last
+    cpu = torch.device("cpu")
+    assert prefers_channels_last(build_model("efficientnet_lite0", pretrained=False).module, cpu)
+    assert not prefers_channels_last(build_model("tiny_resnet", pretrained=False).module, cpu)
+    assert prefers_channels_last(build_model("tiny_resnet", pretrained=False).module, torch.device("cuda"))
+    nchw = Trial(tiny(), tmp_path / "a")
+    nhwc = Trial(tiny(channels_last=True), tmp_path / "b")
+    assert not nchw.prompt.channels_last and nhwc.prompt.channels_last
+    x = torch.rand(4, 3, 24, 24)
+    out = nhwc.prompt(x)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, nchw.prompt(x))
+    nchw.model.eval(), nhwc.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(nhwc.forward(x, True), nchw.forward(x, True), atol=1e-5)

@@ -44,6 +44,8 @@ class Prompt(nn.Module):
         #: whether an unprompted pass keeps the zero frame (``output_size``) or sees the bare
         #: ``input_size`` image, as the authors' unprompted steps and evaluation do
         self.plain_frame = plain_frame
+        #: hand the network NHWC ("channels last") tensors: a layout, not a value change
+        self.channels_last = False
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
         lo = (output_size - input_size) // 2
@@ -71,7 +73,7 @@ class Prompt(nn.Module):
         authors' code); a prompt type without a perturbation is always a plain pass."""
         prompted = enabled and type(self).perturbation is not Prompt.perturbation
         if not prompted and not self.plain_frame:
-            return (self.resize(x) - self.mean) / self.std
+            return self._layout((self.resize(x) - self.mean) / self.std)
         x = self.place(x)
         delta = self.perturbation(x) if prompted else None
         if delta is not None:
@@ -79,10 +81,13 @@ class Prompt(nn.Module):
             # at the bounds, so a zero-initialised prompt over zero padding would never move.
             x = x + delta
             x = x + (x.clamp(0.0, 1.0) - x).detach()
-        out = (x - self.mean) / self.std
+        out = self._layout((x - self.mean) / self.std)
         if delta is not None and out.requires_grad:
             self._last_output = weakref.ref(out)
         return out
+
+    def _layout(self, out: Tensor) -> Tensor:
+        return out.contiguous(memory_format=torch.channels_last) if self.channels_last else out
 
     def share_input_gradient(self, layer: nn.Module) -> bool:
         """Let ``layer`` (the model's first convolution) hand this prompt's output a gradient

@@ -36,8 +36,8 @@ from .data import DataSplits, build_data, random_crop_flip, stratified_sample
 from .label_mapping import LabelMap, frequency_label_mapping
 from .masking import MaskedNetwork, plain_state_dict
 from .methods import METHODS
-from .models import (SourceModel, build_model, builder_spec, first_layer, head_layer, replace_head,
-                     set_bn_momentum)
+from .models import (SourceModel, build_model, builder_spec, first_layer, head_layer,
+                     prefers_channels_last, replace_head, set_bn_momentum)
 from .prompts import Prompt, build_prompt
 from .structured import ChannelPruner, architecture, compare, count_parameters
 
@@ -125,6 +125,7 @@ class Trial:
                                            plain_frame=cfg.plain_frame)
         #: whether this trial's method ever feeds the prompt (else every pass is a plain one)
         self.uses_prompt = cfg.effective_vp_stages != "none"
+        self.prompt.channels_last = self._channels_last()
         self.model.to(self.device)
         self.prompt.to(self.device)
         self.prompt.share_input_gradient(first_layer(self.model)[1])  # batch-summed input grad
@@ -173,6 +174,11 @@ class Trial:
         self.resume_state: dict[str, Any] | None = None
         if saved is not None:
             self._restore(saved)
+
+    def _channels_last(self) -> bool:
+        if self.cfg.channels_last is not None:
+            return self.cfg.channels_last
+        return prefers_channels_last(self.model, self.device)
 
     # --- data -------------------------------------------------------------------------------
 
@@ -766,7 +772,8 @@ class Trial:
         return TrialResult(self.cfg, final, list(self.history), stats, self.workdir)
 
 
-_RUNTIME_FIELDS = ("device", "amp", "num_workers", "num_threads", "eval_batch_size", "tags", "data_root", "download")
+_RUNTIME_FIELDS = ("device", "amp", "num_workers", "num_threads", "eval_batch_size", "tags", "data_root",
+                   "download", "channels_last")
 
 
 def run_trial(cfg: Config, workdir: str | Path, reporter: Reporter | None = None,
