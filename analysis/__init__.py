@@ -16,21 +16,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import (architectures, cost, input_size, learning_rates, pad_size, pilot, prompt_type,
-               sparsity_curves, structured, transfer, vp_stage)
+from . import (architectures, cost, input_size, learning_rates, pad_size, pilot, prompt_effect,
+               prompt_type, sparsity_curves, structured, transfer, vp_stage)
 from .plotting import Figure, save
 from .runs import Runs, read_parquet
 
 FIGURES = {m.NAME: m for m in (pad_size, input_size, prompt_type, vp_stage, sparsity_curves, cost,
-                               architectures, transfer, pilot, structured, learning_rates)}
+                               architectures, transfer, pilot, structured, learning_rates,
+                               prompt_effect)}
 #: the figures each sweep script draws (others are added when its runs hold their axis)
 SCRIPT_FIGURES = {
     "ablation_pad": ["pad_size"], "ablation_input_size": ["input_size"],
     "ablation_prompt": ["prompt_type"], "ablation_stage": ["vp_stage"],
     "sparsity_curves": ["sparsity_curves", "cost"], "architectures": ["architectures"],
     "transfer": ["transfer"], "learning_rates": ["learning_rates"], "pilot": ["pilot"],
-    "structured": ["structured"],
+    "structured": ["structured"], "prompt_effect": ["prompt_effect"],
 }
+#: scripts whose settings mix several axes at once: only their own figure is meaningful
+_OWN_ONLY = {"prompt_effect"}
 #: learning rates vary in every Optuna sweep (searched alongside its axis): their scatter is
 #: drawn for the learning-rate sweep only
 _NOT_BY_AXIS = {"learning_rates"}
@@ -40,6 +43,8 @@ def figures_for(runs: Runs, script: str | None = None) -> list[str]:
     """The script's figures, then every other figure whose axis varies in these runs."""
     script = script or runs.script
     names = list(SCRIPT_FIGURES.get(script, []))
+    if script in _OWN_ONLY:
+        return names
     for name, module in FIGURES.items():
         if name not in names and name not in _NOT_BY_AXIS and _applicable(module, runs):
             names.append(name)

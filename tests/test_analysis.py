@@ -379,3 +379,27 @@ def test_cli_names_a_missing_mlflow_store_and_does_not_create_one(tmp_path, caps
     uri = f"sqlite:///{tmp_path / 'none.db'}"
     assert cli.main(["pad_size", "--experiment", "ablation_pad", "--tracking-uri", uri]) == 2
     assert "no MLflow database" in capsys.readouterr().err and not (tmp_path / "none.db").exists()
+
+
+def effect_rows():
+    rows = []
+    for seed, d in ((7, 0.0), (9, 0.02), (17, 0.04)):
+        rows.append(trial(seed, 0.60 + d, 0.60 + d, 0.5, 0.5, script="prompt_effect", phase="inert",
+                          method="hydra", axes={"setting": "hydra"}))
+        rows.append(trial(seed, 0.70 + d, 0.40, 0.5, 0.3, script="prompt_effect", phase="inert",
+                          method="vpns", axes={"setting": "vpns"}))
+        rows.append(trial(seed, 0.61 + d, 0.61 + d, 0.5, 0.5, script="prompt_effect", phase="inert",
+                          method="vpns", axes={"setting": "vpns_inert_prompt"}))
+    return rows
+
+
+def check_effect(table, figure):
+    assert list(table["point"]) == ["inert: hydra", "inert: vpns", "inert: vpns_inert_prompt"]
+    assert close(by(table, point="inert: vpns")["test_prompt_pct_mean"], 72)
+    text = " ".join(figure.caption)
+    assert ("Phase inert, against hydra (62.0 ± 2.0%): vpns 72.0 ± 2.0% (+10.0 points, beyond seed "
+            "noise); vpns_inert_prompt 63.0 ± 2.0% (+1.0 points, within seed noise).") in text
+    assert analysis.figures_for(runs_of(effect_rows()), "prompt_effect") == ["prompt_effect"]
+
+
+CASES["prompt_effect"] = (effect_rows, check_effect)
