@@ -403,3 +403,24 @@ def check_effect(table, figure):
 
 
 CASES["prompt_effect"] = (effect_rows, check_effect)
+
+
+def test_rerun_comparison_pairs_points_and_seeds(tmp_path):
+    from analysis import rerun
+    first = [trial(s, p, p, pad_size=8, axes={"pad": 8}) for s, p in ((7, 0.60), (9, 0.64), (17, 0.62))]
+    first += [trial(s, p, p, pad_size=16, axes={"pad": 16}) for s, p in ((7, 0.70), (9, 0.72), (17, 0.71))]
+    again = [trial(s, p, p, pad_size=8, axes={"pad": 8}) for s, p in ((7, 0.60), (9, 0.66), (17, 0.63))]
+    again += [trial(s, p, p, pad_size=16, axes={"pad": 16}) for s, p in ((7, 0.75), (9, 0.76), (17, 0.77))]
+    paths = []
+    for name, rows in (("a", first), ("b", again)):
+        path = tmp_path / f"{name}.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), path)
+        paths.append(str(path))
+    result = rerun.compare(read_parquet(paths[0]).trials, read_parquet(paths[1]).trials,
+                           "selected_test_acc_prompt")
+    assert len(result["pairs"]) == 6 and result["identical"] == 1
+    assert math.isclose(result["max_diff"], 6.0, abs_tol=1e-9)
+    by_point = {r["point"]: r for r in result["points"]}
+    assert by_point["8"]["within"] and not by_point["16"]["within"]  # 76 vs 71 ± 1
+    assert rerun.main([*paths, "--metric", "selected_test_acc_prompt"]) == 1
+    assert rerun.main([paths[0], str(tmp_path / "missing.parquet")]) == 2
