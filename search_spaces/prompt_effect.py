@@ -13,7 +13,9 @@ pad prompt on the frame), run at every seed:
   equal prompt parameter count (pad 8 of 64 px in both);
 - ``sparsity``: 99% against 90%;
 - ``lr``: the authors' mask learning rate 1e-4 at this budget (reference loop);
-- ``budget``: 4x the epochs (8 + 8) at a quarter of the mask learning rate.
+- ``budget``: 4x the epochs (8 + 8) at a quarter of the mask learning rate;
+- ``claims``: the prompt only in weight tuning, a 48 px image (pad 8 then lies exactly on the
+  frame), and fix / random prompts with as many tunable values as the pad (a 42 px square).
 """
 from __future__ import annotations
 
@@ -48,6 +50,12 @@ PHASES = {
         "vpns_reference_lr1e-4": {"method": "vpns", "schedule": "reference", "mask_lr": 1e-4},
         "hydra_reference_2x_updates_lr1e-4": {"method": "hydra", "schedule": "reference",
                                               "mask_lr": 1e-4, **TWICE},
+    },
+    "claims": {  # the paper's other claims at this budget (README, Reproduction status)
+        "vpns_tune_stage_only": {"method": "vpns", "vp_stages": "tune"},
+        "vpns_input48": {"method": "vpns", "input_size": 48},
+        "vpns_fix_prompt": {"method": "vpns", "prompt": "fix"},
+        "vpns_random_prompt": {"method": "vpns", "prompt": "random"},
     },
     "budget": {
         "vpns_4x_steps_quarter_lr": {"method": "vpns", "mask_epochs": 8, "tune_epochs": 8,
