@@ -81,7 +81,8 @@ def test_an_identity_prompt_is_evaluated_once(method, passes, tmp_path, monkeypa
         assert set(calls) == {False}  # a method without a prompt only ever runs plain passes
 
 
-def test_test_set_only_where_read_gives_the_same_selected_results(tmp_path, monkeypatch):
+@pytest.mark.parametrize("model", ["tiny_resnet", "efficientnet_lite0"])  # Lite0 has dropout
+def test_test_set_only_where_read_gives_the_same_selected_results(model, tmp_path, monkeypatch):
     """Skipping the test passes nobody reads changes no number that is read, and saves passes."""
     calls = {}
     evaluate = Trial.evaluate
@@ -91,7 +92,7 @@ def test_test_set_only_where_read_gives_the_same_selected_results(tmp_path, monk
         calls[self.cfg.test_every_epoch, split] = calls.get((self.cfg.test_every_epoch, split), 0) + 1
         return evaluate(self, dataset, prompted)
     monkeypatch.setattr(Trial, "evaluate", counting)
-    cfg = tiny(mask_epochs=3, tune_epochs=3)
+    cfg = tiny(mask_epochs=3, tune_epochs=3, model=model)
     lean = run_trial(cfg, tmp_path / "lean")
     full = run_trial(cfg.replace(test_every_epoch=True), tmp_path / "full")
     for key in ("selected_epoch", "selected_val_acc", "selected_test_acc", "selected_test_acc_prompt",

@@ -225,18 +225,28 @@ class Trial:
         params = [p for n, p in self.new_head.named_parameters() if n in ("weight", "bias")]
         return [{"params": params, "lr": lr}]
 
+    def rng_untouched(self):
+        """A context in which the global RNGs are saved and restored: evaluation passes must not
+        change training. Without it every evaluation loader draws its base seed from the global
+        generator (as does a random prompt's location), so a method that evaluates one more pass
+        (VPNs with and without its prompt, HYDRA once) trained later epochs with other dropout
+        masks: VPNs with an immovable prompt differed from HYDRA by 6 points at one seed."""
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        return torch.random.fork_rng(devices=devices)
+
     @torch.no_grad()
     def evaluate(self, dataset, prompted: bool) -> tuple[float, float]:
-        """Top-1 accuracy and mean loss on ``dataset`` (eval mode)."""
+        """Top-1 accuracy and mean loss on ``dataset`` (eval mode); no effect on training."""
         self.model.eval()
         correct = torch.zeros((), device=self.device)
         loss = torch.zeros((), device=self.device)
-        for x, y in self._loader(dataset, train=False):
-            x, y = self._to_device(x, y)
-            with self.autocast():
-                logits = self.forward(x, prompted).float()
-            loss += F.cross_entropy(logits, y, reduction="sum")
-            correct += (logits.argmax(1) == y).sum()
+        with self.rng_untouched():
+            for x, y in self._loader(dataset, train=False):
+                x, y = self._to_device(x, y)
+                with self.autocast():
+                    logits = self.forward(x, prompted).float()
+                loss += F.cross_entropy(logits, y, reduction="sum")
+                correct += (logits.argmax(1) == y).sum()
         n = len(dataset)
         return correct.item() / n, loss.item() / n
 
@@ -265,11 +275,12 @@ class Trial:
         self.model.eval()
         preds, targets = [], []
         subset = data if len(indices) == len(data) else Subset(data, indices.tolist())
-        for x, y in self._loader(subset, train=False):
-            x, y = self._to_device(x, y)
-            with self.autocast():
-                preds.append(self.model(self.prompt(x, enabled=prompted)).argmax(1))
-            targets.append(y)
+        with self.rng_untouched():
+            for x, y in self._loader(subset, train=False):
+                x, y = self._to_device(x, y)
+                with self.autocast():
+                    preds.append(self.model(self.prompt(x, enabled=prompted)).argmax(1))
+                targets.append(y)
         mapping = frequency_label_mapping(torch.cat(preds), torch.cat(targets),
                                           self.source.num_source_classes, self.data.num_classes)
         self.label_map.mapping.copy_(mapping.to(self.device))
@@ -286,10 +297,11 @@ class Trial:
             m.reset_running_stats()
             m.momentum = None  # cumulative average over the calibration batches
         self.model.train()
-        for i, (x, y) in enumerate(self._loader(self.data.train_eval, train=False)):
-            if i >= self.cfg.bn_recalibrate_batches:
-                break
-            self.model(self.prompt(self._to_device(x, y)[0], enabled=prompted))
+        with self.rng_untouched():
+            for i, (x, y) in enumerate(self._loader(self.data.train_eval, train=False)):
+                if i >= self.cfg.bn_recalibrate_batches:
+                    break
+                self.model(self.prompt(self._to_device(x, y)[0], enabled=prompted))
         for m, momentum in zip(bns, saved):
             m.momentum = momentum
 
@@ -681,7 +693,8 @@ class Trial:
         (``removal_max_abs_diff``; a mismatch beyond float tolerance raises)."""
         ch = self.channels
         ch.fix(plan)
-        x, _ = next(iter(self._loader(self.data.train_eval, train=False)))
+        with self.rng_untouched():
+            x, _ = next(iter(self._loader(self.data.train_eval, train=False)))
         x = self.prompt(self._to_device(x, torch.zeros(0, dtype=torch.long))[0][:32], enabled=True)
         self.model.eval()
         with torch.no_grad():
