@@ -222,6 +222,21 @@ def test_cli_runs_one_trial(tmp_path, capsys):
     assert "sparsity:" in capsys.readouterr().err
 
 
+def test_cli_flags_and_progress_bar(tmp_path):
+    import io
+    from vpns_core.cli import build_parser, config_from_args, progress_bar
+    parse = lambda *a: config_from_args(build_parser().parse_args(list(a)))  # noqa: E731
+    assert parse("--channels-last", "false").channels_last is False
+    assert parse("--channels-last", "none").channels_last is None
+    assert parse("--label-mapping-samples", "none").label_mapping_samples is None
+    assert progress_bar(io.StringIO()) is None  # not a terminal: quiet
+    stream = io.StringIO()
+    bar = progress_bar(stream, force=True)
+    run_trial(tiny(), tmp_path, progress=bar)
+    text = stream.getvalue()
+    assert "mask epoch 1" in text and "tune epoch 1" in text and "4/4" in text and "images/s" in text
+
+
 def test_export_loads_into_plain_torchvision_model(tmp_path):
     import torchvision
     cfg = tiny(model="resnet18", pretrained=False, mask_epochs=1, tune_epochs=1, max_steps_per_epoch=1,

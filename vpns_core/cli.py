@@ -18,9 +18,20 @@ from .checkpoint import CheckpointError
 from .config import Config, ConfigError
 
 
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("true", "yes", "1"):
+        return True
+    if lowered in ("false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def _parse_optional(kind):
     def parse(text: str):
-        return None if text.lower() in ("none", "null", "") else kind(text)
+        if text.lower() in ("none", "null", ""):
+            return None
+        return _parse_bool(text) if kind is bool else kind(text)
     parse.__name__ = kind.__name__
     return parse
 
@@ -54,6 +65,37 @@ def config_from_args(ns: argparse.Namespace) -> Config:
     return Config(**values)
 
 
+class progress_bar:
+    """A progress bar per training epoch (batches, images/s, time left) on ``stream``; None when
+    ``stream`` is not a terminal (a log file, a pipe, a Tune trial), so nothing is printed there."""
+
+    def __new__(cls, stream, force: bool = False):
+        if not force and not (hasattr(stream, "isatty") and stream.isatty()):
+            return None
+        return super().__new__(cls)
+
+    def __init__(self, stream, force: bool = False) -> None:
+        self.stream = stream
+        self.bar = None
+
+    def __call__(self, event: dict) -> None:
+        from tqdm import tqdm
+        if self.bar is None or event["step"] == 1:
+            self.close()
+            self.bar = tqdm(total=event["steps"], desc=f"{event['stage']} epoch {event['epoch']}",
+                            unit="batch", file=self.stream, leave=False, dynamic_ncols=True)
+        self.bar.update(event["step"] - self.bar.n)
+        if event["elapsed"] > 0:
+            self.bar.set_postfix_str(f"{event['images'] / event['elapsed']:.0f} images/s", refresh=False)
+        if event["step"] >= event["steps"]:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
@@ -72,7 +114,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{test}sparsity {m['sparsity']:.3f} {m['epoch_time_s']:.1f}s", flush=True)
 
     t0 = time.time()
-    result = run_trial(cfg, Path(ns.out), reporter=report, resume=not ns.no_resume)
+    bar = progress_bar(sys.stderr)
+    try:
+        result = run_trial(cfg, Path(ns.out), reporter=report, resume=not ns.no_resume, progress=bar)
+    finally:
+        if bar is not None:
+            bar.close()
     summary = {k: v for k, v in result.final.items() if isinstance(v, (int, float, str))}
     summary["total_time_s"] = round(time.time() - t0, 1)
     print(json.dumps(summary, indent=1))

@@ -42,6 +42,9 @@ from .prompts import Prompt, build_prompt
 from .structured import ChannelPruner, architecture, compare, count_parameters
 
 Reporter = Callable[[dict[str, Any]], None]
+#: called after every training batch with ``stage``, ``epoch`` (1-based), ``step``, ``steps``,
+#: ``images`` (this epoch so far) and ``elapsed`` (seconds this epoch): a progress bar's feed
+Progress = Callable[[dict[str, Any]], None]
 #: a custom training step ``step(x, y, prompted, optimizer) -> (loss, logits)`` that sets the
 #: ``.grad`` of the stage optimiser's parameters (and may update others, e.g. BiP's lower level)
 StepFn = Callable[[Tensor, Tensor, bool, torch.optim.Optimizer], tuple[Tensor, Tensor]]
@@ -86,7 +89,7 @@ class Trial:
     """State of one run: the model with its masks, the prompt, the label map, data and optimiser."""
 
     def __init__(self, cfg: Config, workdir: str | Path, reporter: Reporter | None = None,
-                 resume: bool = True) -> None:
+                 resume: bool = True, progress: Progress | None = None) -> None:
         cfg.check_resources()  # clear errors about data/weights before any compute
         ckpt = Path(workdir) / CHECKPOINT  # a corrupt checkpoint is refused before any compute too
         saved = safe_load(ckpt, map_location="cpu") if resume and ckpt.exists() else None
@@ -95,6 +98,7 @@ class Trial:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._eval_loaders: dict[int, DataLoader] = {}  # persistent evaluation loaders (_loader)
         self.reporter = reporter or (lambda metrics: None)
+        self.progress = progress
         self.device = resolve_device(cfg.device)
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
@@ -490,6 +494,7 @@ class Trial:
         seen = 0
         check_every = 1 if self.device.type == "cpu" else 25
         per_step = not cfg.lr_per_epoch
+        started = time.perf_counter()
         for step, (batch, prompted_batch) in enumerate(batches):
             if step >= steps:
                 break
@@ -505,6 +510,9 @@ class Trial:
             seen += len(y)
             if step % check_every == 0 and not torch.isfinite(loss):
                 raise NonFiniteLossError(f"loss became {loss.item()} at {stage} epoch {epoch} step {step}")
+            if self.progress is not None:
+                self.progress({"stage": stage, "epoch": epoch + 1, "step": step + 1, "steps": steps,
+                               "images": seen, "elapsed": time.perf_counter() - started})
         if not torch.isfinite(loss_sum):
             raise NonFiniteLossError(f"loss became non-finite in {stage} epoch {epoch}")
         return {"train_loss": loss_sum.item() / max(1, seen), "train_acc": correct.item() / max(1, seen),
@@ -790,6 +798,6 @@ _RUNTIME_FIELDS = ("device", "amp", "num_workers", "num_threads", "eval_batch_si
 
 
 def run_trial(cfg: Config, workdir: str | Path, reporter: Reporter | None = None,
-              resume: bool = True) -> TrialResult:
+              resume: bool = True, progress: Progress | None = None) -> TrialResult:
     """Run (or resume) one trial in ``workdir``; see :class:`Trial`."""
-    return Trial(cfg, workdir, reporter, resume).run()
+    return Trial(cfg, workdir, reporter, resume, progress).run()
