@@ -9,6 +9,7 @@ MLflow (:mod:`analysis.runs`), never from Ray's files. Every sweep script ends i
 from __future__ import annotations
 
 import csv
+import io
 import json
 import sys
 import traceback
@@ -18,6 +19,8 @@ from typing import Any
 
 from . import (architectures, cost, input_size, learning_rates, pad_size, pilot, prompt_effect,
                prompt_type, sparsity_curves, structured, transfer, vp_stage)
+from vpns_core.checkpoint import atomic_write
+
 from .plotting import Figure, save
 from .runs import Runs, read_parquet
 
@@ -135,11 +138,11 @@ def sweep_figure(script: str, table: list[dict[str, Any]], trials_parquet: Path,
 
 def _write_table(table: list[dict[str, Any]], path: Path) -> Path:
     keys = list(dict.fromkeys(k for row in table for k in row))
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(table)
-    return path
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(table)
+    return atomic_write(path, lambda handle: handle.write(text.getvalue().encode()))
 
 
 def _tracking_uri(sweep_dir: Path) -> str | None:

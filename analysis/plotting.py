@@ -20,6 +20,8 @@ from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
 import pandas as pd  # noqa: E402
 
+from vpns_core.checkpoint import atomic_write  # noqa: E402
+
 from .runs import Runs, aggregate  # noqa: E402
 
 #: plotted accuracies: output name -> (trial column, factor to percent)
@@ -401,9 +403,9 @@ def save(figure: Figure, out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{figure.name}.png", out / f"{figure.name}.svg", out / f"{figure.name}.csv"]
-    figure.fig.savefig(paths[0], dpi=110)
-    figure.fig.savefig(paths[1])
+    atomic_write(paths[0], lambda handle: figure.fig.savefig(handle, format="png", dpi=110))
+    atomic_write(paths[1], lambda handle: figure.fig.savefig(handle, format="svg"))
     plt.close(figure.fig)
-    figure.table.to_csv(paths[2], index=False)
+    atomic_write(paths[2], lambda handle: handle.write(figure.table.to_csv(index=False).encode()))
     figure.paths = paths
     return paths

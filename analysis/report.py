@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from vpns_core.checkpoint import atomic_write
+
 from .artifacts import prompt_images
 from .plotting import Figure
 from .runs import PROJECT, Runs, cell_state
@@ -134,7 +136,7 @@ def write_report(runs: Runs, figures: list[Figure], path: str | Path,
     parts += ["<h2>Trials</h2>", html_table(trials_table(runs), max_rows=1000)]
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(runs.sweep)}</title>"
             f"<style>{STYLE}</style></head><body>{''.join(parts)}{CHECK}</body></html>")
-    path.write_text(page, encoding="utf-8")
+    atomic_write(path, lambda handle: handle.write(page.encode("utf-8")))
     return path
 
 

@@ -42,6 +42,7 @@ from ray.tune.search.sample import Domain
 
 import search_spaces
 from search_spaces import base as base_presets, learning_rates
+from vpns_core.checkpoint import atomic_write
 from vpns_core.config import Config, ConfigError
 from vpns_core.registry import UnknownNameError
 
@@ -752,7 +753,8 @@ def export_parquet(sweep: Sweep, run_ids: dict[str, str]) -> tuple[Path, Path]:
     out = (sweep.dir / "trials.parquet", sweep.dir / "epochs.parquet")
     for rows, path in zip((trial_rows, epoch_rows), out):
         keys = list(dict.fromkeys(k for row in rows for k in row))
-        pq.write_table(pa.Table.from_pylist([{k: row.get(k) for k in keys} for row in rows]), path)
+        table = pa.Table.from_pylist([{k: row.get(k) for k in keys} for row in rows])
+        atomic_write(path, lambda handle, table=table: pq.write_table(table, handle))
     return out
 
 

@@ -65,6 +65,26 @@ def test_a_write_that_fails_midway_leaves_the_old_checkpoint(tmp_path, monkeypat
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary file left
 
 
+def test_exports_are_written_atomically(tmp_path, monkeypatch):
+    """Parquet, table CSV, figures and report go through one atomic writer: a failure midway
+    leaves the previous file whole (here the table CSV)."""
+    import analysis
+    from vpns_core import checkpoint
+    path = analysis._write_table([{"pad": 8, "acc": 0.5}], tmp_path / "table.csv")
+    original = checkpoint.atomic_write
+
+    def failing(target, write):
+        def half(handle):
+            write(handle)
+            raise OSError("killed")
+        return original(target, half)
+    monkeypatch.setattr(analysis, "atomic_write", failing)
+    with pytest.raises(OSError, match="killed"):
+        analysis._write_table([{"pad": 16, "acc": 0.9}], path)
+    assert path.read_text().splitlines() == ["pad,acc", "8,0.5"]
+    assert [p.name for p in tmp_path.iterdir()] == ["table.csv"]
+
+
 _WRITER = """
 import sys, torch
 from vpns_core.checkpoint import atomic_save

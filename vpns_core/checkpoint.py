@@ -5,8 +5,9 @@ import glob
 import os
 import random
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -16,16 +17,17 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, truncated or not a vpns checkpoint."""
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """Write ``obj`` with ``torch.save`` to a temporary file, fsync it and rename it into place,
-    so a reader never sees a half-written file (a kill mid-write leaves the old one; its
-    temporary file is removed by the next successful write of the same path)."""
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """Call ``write(handle)`` on a temporary file beside ``path``, fsync it and rename it into
+    place, so a reader never sees a half-written file (a kill mid-write leaves the old one, or
+    none; its temporary file is removed by the next successful write of the same path).
+    Returns ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -34,6 +36,12 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         raise
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # left by a killed writer
         stale.unlink(missing_ok=True)
+    return path
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` through :func:`atomic_write`."""
+    atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 def safe_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
