@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import ast
 import csv
+import fcntl
 import itertools
 import json
 import math
@@ -42,6 +43,9 @@ from ray.tune.search.sample import Domain
 
 import search_spaces
 from search_spaces import base as base_presets, learning_rates
+from sweeps.preflight import (UsageError, check_address, check_cluster_resources, check_flags,
+                              check_folder, check_local_resources, check_set_against_points,
+                              check_tracking_uri, read_sweep_json)
 from vpns_core.checkpoint import atomic_write
 from vpns_core.config import Config, ConfigError
 from vpns_core.registry import UnknownNameError
@@ -57,7 +61,9 @@ FINAL = "final.json"
 # Flags that define a sweep: ``--resume`` takes them from sweep.json, not from the command line.
 DEFINING = ("preset", "search", "scheduler", "num_samples", "seeds", "set", "data_root",
             "grace_period", "reduction_factor", "optuna_seed", "metric", "mode", "tracking_uri",
-            "log_model")
+            "log_model", "download")
+#: what a user's mistake raises before anything runs: one line on stderr, exit status 2
+USER_ERRORS = (UsageError, ConfigError, UnknownNameError, FileNotFoundError)
 
 
 # --- flags -----------------------------------------------------------------------------------
@@ -106,6 +112,8 @@ def build_parser(script: str, doc: str | None, search: str, scheduler: str,
     add("--mode", choices=("max", "min"), default=MODE, help="maximise or minimise --metric")
     add("--log-model", action="store_true", help="log the exported sparse model to MLflow")
     add("--data-root", default=None, help="datasets folder all workers can see (paper datasets)")
+    add("--download", action="store_true",
+        help="download missing datasets and weights into --data-root / TORCH_HOME (never otherwise)")
     add("--set", action="append", default=[], metavar="FIELD=VALUE",
         help="override a fixed config field, e.g. --set train_subset=500 (repeatable)")
     return p
@@ -118,7 +126,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     for item in items:
         key, sep, text = item.partition("=")
         if not sep or key not in names:
-            raise SystemExit(f"--set {item}: expected FIELD=VALUE with FIELD a Config field")
+            raise UsageError(f"--set {item}: expected FIELD=VALUE with FIELD a Config field")
         if text.lower() in ("none", "null"):
             out[key] = None
             continue
@@ -468,6 +476,7 @@ class Phase:
     axes: dict[str, list]  # discrete axis -> its values (labels) in the space's order
     records: list[dict[str, Any]]
     complete: bool
+    checked_only: bool = False  # a dry run's phase: validated, never run
 
 
 @dataclass
@@ -481,6 +490,9 @@ class Sweep:
     parent_run_id: str = ""
     default_samples: int = 8  # Optuna trials when --num-samples is not given (per script)
     phases: list[Phase] = field(default_factory=list)
+    #: a dry run checks every phase's space (points, --set, data, weights, ASHA's rungs) and runs
+    #: nothing; a plan that needs a phase's results to build the next stops after that phase
+    dry_run: bool = False
 
     @property
     def preset(self) -> str:
@@ -492,9 +504,11 @@ class Sweep:
 
     def run_phase(self, name: str, base: dict[str, Any], space: dict[str, Any], *,
                   seed_axis: bool = True) -> Phase:
-        """Run (or resume) one Tune experiment over ``space`` on top of ``base``."""
+        """Run (or resume) one Tune experiment over ``space`` on top of ``base``; in a dry run,
+        only check it (raises a user error naming the flag or field)."""
         args = self.args
         overrides = parse_overrides(args.set)
+        check_set_against_points(overrides, {k: v for k, v in space.items() if isinstance(v, dict)})
         fixed = {**base, **runtime_fields(args), **overrides}
         if args.data_root:
             fixed["data_root"] = str(Path(args.data_root).resolve())
@@ -512,7 +526,18 @@ class Sweep:
             fixed.pop(key, None)
         points = {k: v for k, v in axes.items() if isinstance(v, dict)}
         check_points(fixed, axes)
-        prepare_resources(point_configs(fixed, axes, points))
+        if self.dry_run:
+            check_resources(point_configs(fixed, axes, points), download=args.download)
+            if args.scheduler == "asha":
+                longest = max(driver_config(c).total_epochs for c in point_configs(fixed, axes, points))
+                if args.grace_period >= max(longest, 1):
+                    raise UsageError(f"--grace-period {args.grace_period}: the trials of phase "
+                                     f"'{name}' train {longest} epochs, so ASHA could never stop "
+                                     f"one; use fewer than {longest}")
+            phase = Phase(name, listed_axes(axes), [], complete=True, checked_only=True)
+            self.phases.append(phase)
+            return phase
+        prepare_resources(point_configs(fixed, axes, points), download=args.download)
         order = listed_axes(axes)  # results keep the space's order
         label_keys = list(order)
         run_order = longest_first(fixed, axes, points) if args.search == "grid" else axes
@@ -641,6 +666,19 @@ def check_points(fixed: dict[str, Any], axes: dict[str, Any]) -> None:
     samples = {k: v.sample() for k, v in axes.items() if isinstance(v, Domain)}
     for values in point_configs(fixed, axes, points):
         driver_config({**values, **samples})
+
+
+def check_resources(configs: list[dict[str, Any]], download: bool = False) -> None:
+    """Datasets and weights of ``configs`` are on disk, or (``download``) can be fetched: checked
+    without writing or downloading anything (the dry run's check)."""
+    from vpns_core.data import check_available
+    from vpns_core.models import check_model
+    for name, root in sorted({(c.get("dataset", "fashion_mnist"), c.get("data_root")) for c in configs},
+                             key=str):
+        check_available(name, root, download)
+    for model, pretrained, checkpoint in sorted({(c.get("model", "efficientnet_lite0"), c.get("pretrained", True),
+                                                  c.get("source_checkpoint")) for c in configs}, key=str):
+        check_model(model, pretrained and checkpoint is None, checkpoint, allow_download=download)
 
 
 def prepare_resources(configs: list[dict[str, Any]], download: bool = True) -> None:
@@ -830,42 +868,82 @@ def print_table(sweep: Sweep, rows: list[dict[str, Any]]) -> None:
 def run_sweep(script: str, plan: Callable[[Sweep], None], argv: list[str] | None = None, *,
               doc: str | None = None, search: str = "optuna", scheduler: str = "asha",
               num_samples: int = 8, flags: Callable[[argparse.ArgumentParser], list[str]] | None = None) -> int:
-    """Parse flags, start (or join) Ray, open the MLflow parent run, run ``plan(sweep)``, then
-    export Parquet, print the table and call the analysis hook. Returns the exit status.
+    """Parse flags, check everything a user can get wrong (flags, ``--set``, every phase's
+    space, data, weights, storage, tracking store, cluster) before Ray starts or anything is
+    written, then start (or join) Ray, open the MLflow parent run, run ``plan(sweep)``, export
+    Parquet, print the table and call the analysis hook. Returns the exit status: 2 with one
+    line on stderr for a user's mistake.
 
     ``flags(parser)`` adds the script's own flags and returns their destinations: they define
-    the sweep (``--resume`` takes them from sweep.json like the common ones)."""
+    the sweep (``--resume`` takes them from sweep.json like the common ones). A start that fails
+    before any trial ran marks the parent run FAILED and leaves no sweep folder behind, so the
+    same ``--name`` can be used again."""
     parser = build_parser(script, doc, search, scheduler, num_samples)
     own = flags(parser) if flags is not None else []
     args = parser.parse_args(argv)
     args.own_flags = list(own)
-    if args.metric.startswith("test") or args.metric.startswith("selected_test"):
-        parser.error(f"--metric {args.metric}: select on validation or training metrics, never on test")
-    sweep = _open_sweep(script, args)
+    try:
+        name, resuming = _preflight(script, args, plan, num_samples)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    sweep = _create_sweep(script, args, name, resuming)
     sweep.default_samples = num_samples
     started = time.time()
     own_ray = not ray.is_initialized()
-    if own_ray:
-        if args.address:
-            ray.init(address=args.address)
-        else:
-            ray.init(include_dashboard=False)  # nothing listens beyond this machine
+    ran = False
     try:
+        if own_ray:
+            if args.address:
+                ray.init(address=args.address)
+                check_cluster_resources(args, ray.cluster_resources())
+            else:
+                ray.init(include_dashboard=False)  # nothing listens beyond this machine
         _open_mlflow(sweep)
         print(f"[{sweep.name}] {args.search} search, {args.scheduler} scheduler, preset "
               f"{args.preset}; results in {sweep.dir}; MLflow {args.tracking_uri}", flush=True)
+        ran = True
         try:
             plan(sweep)
         except SweepInterrupted:
             pass  # write what there is; _finish prints how to resume
-        except (ConfigError, UnknownNameError, FileNotFoundError) as err:  # a bad space or missing data: no trial ran
-            print(f"error: {err}", file=sys.stderr)
-            _close_parent(sweep, "FAILED")
-            return 2
         return _finish(sweep, time.time() - started)
+    except USER_ERRORS as err:  # e.g. a cluster too small; checked before any trial started
+        print(f"error: {err}", file=sys.stderr)
+        _abandon(sweep, err, ran_trials=ran and any(p.records for p in sweep.phases))
+        return 2
     finally:
         if own_ray:
             ray.shutdown()
+
+
+def _preflight(script: str, args: argparse.Namespace, plan: Callable[[Sweep], None],
+               num_samples: int) -> tuple[str, bool]:
+    """Every check that needs no Ray and writes nothing; returns the sweep's name and whether it
+    resumes. A dry run of ``plan`` checks each phase's space."""
+    check_flags(args)
+    check_folder("--storage-path", args.storage_path)
+    storage = Path(args.storage_path).expanduser().resolve()
+    name, resuming = _sweep_name(script, args, storage)
+    check_flags(args)  # again: a resumed sweep's flags come from its sweep.json
+    check_tracking_uri(args.tracking_uri)
+    check_address(args.address)
+    check_local_resources(args)
+    dry = Sweep(script, name, args, storage / name, resuming, default_samples=num_samples, dry_run=True)
+    plan(dry)
+    return name, resuming
+
+
+def _abandon(sweep: Sweep, err: BaseException, ran_trials: bool) -> None:
+    """After a failed start: the parent run FAILED with the reason; a new sweep that ran no trial
+    leaves no folder, so its name can be used again."""
+    if sweep.parent_run_id:
+        from mlflow.tracking import MlflowClient
+        client = MlflowClient(sweep.args.tracking_uri)
+        client.set_tag(sweep.parent_run_id, "error", str(err)[:5000])
+        client.set_terminated(sweep.parent_run_id, status="FAILED")
+    if not sweep.resuming and not ran_trials:
+        shutil.rmtree(sweep.dir, ignore_errors=True)
 
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=+-]{0,199}")
@@ -876,13 +954,14 @@ def sweep_folder(storage: Path, name: str, flag: str = "--name") -> Path:
     (letters, digits, ``._=+-``), so a name can never write outside the storage folder."""
     folder = (storage / name).resolve()
     if not _NAME.fullmatch(name) or ".." in name or folder.parent != storage.resolve():
-        raise SystemExit(f"{flag} {name!r}: a sweep name is one folder name (letters, digits and "
+        raise UsageError(f"{flag} {name!r}: a sweep name is one folder name (letters, digits and "
                          f"._=+- only, no '..' or path separators), created under {storage}")
     return folder
 
 
-def _open_sweep(script: str, args: argparse.Namespace) -> Sweep:
-    storage = Path(args.storage_path).expanduser().resolve()
+def _sweep_name(script: str, args: argparse.Namespace, storage: Path) -> tuple[str, bool]:
+    """The sweep's name and whether it resumes; for ``--resume``, the saved defining flags are
+    put back into ``args``. Writes nothing."""
     if args.name is not None:
         sweep_folder(storage, args.name)
     if args.resume not in (None, "latest"):
@@ -893,38 +972,70 @@ def _open_sweep(script: str, args: argparse.Namespace) -> Sweep:
             candidates = sorted(storage.glob(f"{script}-{args.preset}-*/sweep.json"),
                                 key=lambda p: p.stat().st_mtime)
             if not candidates:
-                raise SystemExit(f"--resume: no sweep of {script} ({args.preset}) under {storage}")
+                raise UsageError(f"--resume: no sweep of {script} ({args.preset}) under {storage}")
             name = candidates[-1].parent.name
         meta = storage / name / "sweep.json"
         if not meta.is_file():
-            raise SystemExit(f"--resume: {meta} not found")
-        saved = json.loads(meta.read_text())
+            raise UsageError(f"--resume {name}: {meta} not found")
+        saved = read_sweep_json(meta)
+        missing = [k for k in (*DEFINING, *args.own_flags) if k not in saved["args"]]
         for key in (*DEFINING, *args.own_flags):
-            setattr(args, key, saved["args"][key])
-        return Sweep(script, name, args, storage / name, resuming=True)
+            if key in saved["args"]:
+                setattr(args, key, saved["args"][key])
+        if missing and missing != ["download"]:  # written by another script or version
+            raise UsageError(f"--resume {name}: {meta} lacks the flags {missing}")
+        return name, True
     name = args.name or f"{script}-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    folder = storage / name
-    if (folder / "sweep.json").exists():
-        raise SystemExit(f"{folder} exists: pass --resume {name} to continue it, or another --name")
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "sweep.json").write_text(json.dumps({"script": script, "name": name,
-                                                   "args": vars(args)}, indent=1))
-    return Sweep(script, name, args, folder, resuming=False)
+    if (storage / name / "sweep.json").exists():
+        raise UsageError(f"--name {name}: {storage / name} exists; pass --resume {name} to "
+                         f"continue it, or another --name")
+    return name, False
+
+
+def _create_sweep(script: str, args: argparse.Namespace, name: str, resuming: bool) -> Sweep:
+    """The sweep's folder and, for a new sweep, its ``sweep.json`` (written atomically)."""
+    folder = Path(args.storage_path).expanduser().resolve() / name
+    if not resuming:
+        folder.mkdir(parents=True, exist_ok=True)
+        text = json.dumps({"script": script, "name": name, "args": vars(args)}, indent=1)
+        atomic_write(folder / "sweep.json", lambda handle: handle.write(text.encode()))
+    return Sweep(script, name, args, folder, resuming=resuming)
 
 
 def _open_mlflow(sweep: Sweep) -> None:
     """The experiment of this script and the sweep's parent run (found again on --resume)."""
-    from mlflow.tracking import MlflowClient
     uri = sweep.args.tracking_uri
     if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        database = Path(uri[len("sqlite:///"):])
+        database.parent.mkdir(parents=True, exist_ok=True)
+        # MLflow creates a new database's tables on first use; two sweeps starting at once on a
+        # new file raced there (one crashed): the first creates them under a lock.
+        with open(database.with_name(database.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                _open_mlflow_runs(sweep)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        return
+    _open_mlflow_runs(sweep)
+
+
+def _open_mlflow_runs(sweep: Sweep) -> None:
+    from mlflow.tracking import MlflowClient
+    uri = sweep.args.tracking_uri
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(sweep.script)
     if experiment is None:
         location = None
         if uri.startswith("sqlite:///"):  # artifacts next to the database
             location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / sweep.script).as_uri()
-        sweep.experiment_id = client.create_experiment(sweep.script, artifact_location=location)
+        try:
+            sweep.experiment_id = client.create_experiment(sweep.script, artifact_location=location)
+        except Exception:  # noqa: BLE001 - another sweep created it meanwhile (a shared server)
+            experiment = client.get_experiment_by_name(sweep.script)
+            if experiment is None:
+                raise
+            sweep.experiment_id = experiment.experiment_id
     else:
         sweep.experiment_id = experiment.experiment_id
     found = client.search_runs([sweep.experiment_id], max_results=1,

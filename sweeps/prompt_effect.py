@@ -7,6 +7,7 @@ import sys
 
 from search_spaces import prompt_effect
 from sweeps.common import run_sweep
+from sweeps.preflight import UsageError
 
 
 def flags(parser):
@@ -21,7 +22,7 @@ def plan(sweep):
     chosen = sweep.args.phases or list(known)
     unknown = [p for p in chosen if p not in known]
     if unknown:
-        raise SystemExit(f"--phases: unknown phase {unknown[0]!r}; choose from {', '.join(known)}")
+        raise UsageError(f"--phases {unknown[0]}: unknown phase; choose from {', '.join(known)}")
     base = prompt_effect.base(sweep.preset)
     for name in chosen:
         sweep.run_phase(name, base, {"setting": known[name]})

@@ -10,6 +10,10 @@ from sweeps.common import run_sweep
 def plan(sweep):
     base = transfer.base(sweep.preset)
     source = sweep.run_phase("source", {**base, "tune_epochs": 0}, transfer.source_space(sweep.preset))
+    if sweep.dry_run:  # the masks do not exist yet: check the targets' datasets and settings
+        sweep.run_phase("target", base, {"dataset": transfer.target_datasets(sweep.preset)},
+                        seed_axis=False)
+        return
     masks = {}
     for r in source.records:
         if r["final"] is not None:  # finished source trials only; failures show in the table

@@ -148,8 +148,9 @@ def test_documented_commands_bind_loopback_only():
                                      ("a\\b", False), ("~user", False)])
 def test_sweep_names_stay_inside_the_storage_folder(name, ok, tmp_path):
     from sweeps.common import sweep_folder
+    from sweeps.preflight import UsageError
     if ok:
         assert sweep_folder(tmp_path, name).parent == tmp_path.resolve()
     else:
-        with pytest.raises(SystemExit, match="--name"):
+        with pytest.raises(UsageError, match="--name"):
             sweep_folder(tmp_path, name)

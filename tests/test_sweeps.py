@@ -14,8 +14,8 @@ import sweeps
 from search_spaces import base as presets
 from sweeps import common
 
-SCRIPTS = sorted(info.name for info in pkgutil.iter_modules(sweeps.__path__)
-                 if info.name not in ("common", "prepare"))
+SCRIPTS = sorted(info.name for info in pkgutil.iter_modules(sweeps.__path__)  # a script has a plan
+                 if hasattr(importlib.import_module(f"sweeps.{info.name}"), "plan"))
 
 
 @pytest.fixture(scope="module")

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from .train import run_trial
+    from .train import Trial
 
     def report(m):
         test = (f"test {m['test_acc_prompt']:.3f} (prompt) / {m['test_acc_noprompt']:.3f} (no prompt) "
@@ -115,8 +115,13 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.time()
     bar = progress_bar(sys.stderr)
+    try:  # the trial's own checks (checkpoint in --out, mask file) come before any compute
+        trial = Trial(cfg, Path(ns.out), reporter=report, resume=not ns.no_resume, progress=bar)
+    except (ConfigError, FileNotFoundError, ValueError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     try:
-        result = run_trial(cfg, Path(ns.out), reporter=report, resume=not ns.no_resume, progress=bar)
+        result = trial.run()
     finally:
         if bar is not None:
             bar.close()

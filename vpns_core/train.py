@@ -737,6 +737,12 @@ class Trial:
         if not isinstance(masks, dict) or not names <= set(masks):
             raise CheckpointError(f"mask_file: {self.cfg.mask_file} has no masks for layers "
                                   f"{sorted(names - set(masks or {}))[:5]} of {self.cfg.model}")
+        shapes = {n: tuple(m.weight.shape) for n, m in self.net.layers}  # dense mode here
+        wrong = [n for n in sorted(names) if tuple(masks[n].shape) != shapes[n]]
+        if wrong:
+            raise CheckpointError(f"mask_file: {self.cfg.mask_file} does not fit {self.cfg.model}: "
+                                  f"layer {wrong[0]} has a mask of shape {tuple(masks[wrong[0]].shape)}, "
+                                  f"its weight {shapes[wrong[0]]} ({len(wrong)} layers differ)")
         return {n: masks[n].bool() for n in names}
 
     # --- the whole trial --------------------------------------------------------------------

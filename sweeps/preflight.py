@@ -1,0 +1,169 @@
+"""Checks of a sweep's flags and of what it will reach, run before Ray starts and before anything
+is written: a user's mistake costs a few seconds and one line.
+
+Every check raises :class:`UsageError` whose message starts with the flag (or ``--set FIELD``)
+and says what is allowed. The network checks (``--address``, ``--tracking-uri``) wait at most
+``TIMEOUT`` seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sqlite3
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+TIMEOUT = 3.0  # seconds a network check waits
+TRACKING_SCHEMES = ("sqlite", "http", "https", "file")
+
+
+class UsageError(ValueError):
+    """A flag, a ``--set`` or what they point at is wrong; the message names it and the fix."""
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Numeric flags in their ranges (argparse has checked their types)."""
+    def at_least(flag: str, value, low, what: str = "") -> None:
+        if value is not None and value < low:
+            raise UsageError(f"{flag} {value}: must be at least {low}{what}")
+    at_least("--num-samples", args.num_samples, 1)
+    at_least("--max-concurrent", args.max_concurrent, 1)
+    at_least("--grace-period", args.grace_period, 1, " epoch")
+    at_least("--max-failures", args.max_failures, 0)
+    if args.reduction_factor <= 1:
+        raise UsageError(f"--reduction-factor {args.reduction_factor:g}: must be greater than 1 "
+                         f"(ASHA keeps 1/rf of the trials at each rung)")
+    if not args.cpus_per_trial > 0:
+        raise UsageError(f"--cpus-per-trial {args.cpus_per_trial:g}: must be greater than 0 "
+                         f"(fractions allowed)")
+    if args.gpus_per_trial < 0:
+        raise UsageError(f"--gpus-per-trial {args.gpus_per_trial:g}: must be 0 or more (fractions allowed)")
+    for seed in args.seeds or ():
+        at_least("--seeds", seed, 0)
+    if args.metric.startswith(("test", "selected_test")):
+        raise UsageError(f"--metric {args.metric}: select on validation or training metrics, never on test")
+
+
+def check_local_resources(args: argparse.Namespace) -> None:
+    """A local Ray has this machine's CPUs and GPUs: a trial that asks for more would wait for
+    ever ("no node can fulfil this request")."""
+    if args.address:
+        return  # a cluster's resources are checked once joined (check_cluster_resources)
+    import torch
+    cpus, gpus = os.cpu_count() or 1, torch.cuda.device_count()
+    if args.cpus_per_trial > cpus:
+        raise UsageError(f"--cpus-per-trial {args.cpus_per_trial:g}: this machine has {cpus} CPUs")
+    if args.gpus_per_trial > gpus:
+        raise UsageError(f"--gpus-per-trial {args.gpus_per_trial:g}: this machine has {gpus} GPUs; "
+                         f"use 0, or --address to join a cluster that has them")
+
+
+def check_cluster_resources(args: argparse.Namespace, resources: dict[str, float]) -> None:
+    """Per-trial resources against what the joined cluster has in all."""
+    for flag, key, value in (("--cpus-per-trial", "CPU", args.cpus_per_trial),
+                             ("--gpus-per-trial", "GPU", args.gpus_per_trial)):
+        have = resources.get(key, 0.0)
+        if value > have:
+            raise UsageError(f"{flag} {value:g}: the cluster at {args.address} has {have:g} {key}s "
+                             f"in all, so no trial could ever start")
+
+
+def _writable_ancestor(path: Path) -> Path:
+    """The nearest existing folder at or above ``path``."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return candidate
+    return Path("/")
+
+
+def check_folder(flag: str, value: str, path: str | None = None) -> None:
+    """A folder the sweep will write (``path``, default ``value``): an existing folder, or one
+    that can be made."""
+    path = Path(path or value).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {value}: {path} is a file, not a folder")
+    base = _writable_ancestor(path)
+    if not base.is_dir():
+        raise UsageError(f"{flag} {value}: cannot be made ({base} is a file)")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {value}: cannot be written ({base} is not writable)")
+
+
+def check_tracking_uri(uri: str, timeout: float = TIMEOUT) -> None:
+    """The MLflow store: a writable (or valid) SQLite file, a folder, or a server that answers."""
+    parsed = urlparse(uri)
+    if parsed.scheme not in TRACKING_SCHEMES:
+        raise UsageError(f"--tracking-uri {uri}: unsupported scheme '{parsed.scheme}'; use "
+                         f"sqlite:///PATH, http(s)://HOST:PORT or file:///PATH")
+    if parsed.scheme == "sqlite":
+        path = Path(uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else parsed.path)
+        if path.is_dir():
+            raise UsageError(f"--tracking-uri {uri}: {path} is a folder, not an SQLite file")
+        if path.exists():
+            try:
+                with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=timeout) as db:
+                    db.execute("select count(*) from sqlite_master").fetchone()
+            except sqlite3.DatabaseError as err:
+                raise UsageError(f"--tracking-uri {uri}: {path} is not an SQLite database ({err})") from None
+            if not os.access(path, os.W_OK):
+                raise UsageError(f"--tracking-uri {uri}: {path} is not writable")
+        else:
+            check_folder("--tracking-uri", uri, str(path.parent))
+        return
+    if parsed.scheme == "file":
+        check_folder("--tracking-uri", uri, parsed.path)
+        return
+    try:  # an MLflow server answers /health with OK
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            response.read(64)
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        raise UsageError(f"--tracking-uri {uri}: no MLflow server answers there within "
+                         f"{timeout:g} s ({reason}); start one with `mlflow server --host "
+                         f"{parsed.hostname} --port {parsed.port}` or use sqlite:///PATH") from None
+
+
+def check_address(address: str | None, timeout: float = TIMEOUT) -> None:
+    """A Ray cluster to join: ``auto`` needs one started on this machine; ``host:port`` must
+    accept a connection within ``timeout``."""
+    if not address:
+        return
+    if address == "auto":
+        if os.environ.get("RAY_ADDRESS") or Path("/tmp/ray/ray_current_cluster").is_file():
+            return
+        raise UsageError("--address auto: no Ray cluster runs on this machine; start one with "
+                         "`ray start --head` (or `ray up`), or leave --address out for a local Ray")
+    host, sep, port = address.rpartition(":")
+    if address.startswith(("ray://", "http://", "https://")) or not sep or not port.isdigit():
+        raise UsageError(f"--address {address}: expected HOST:PORT of a Ray head node, or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise UsageError(f"--address {address}: nothing answers there within {timeout:g} s "
+                         f"({err.strerror or err}); is the Ray head node up?") from None
+
+
+def read_sweep_json(path: Path) -> dict:
+    """A sweep's ``sweep.json`` (for ``--resume``), refused with the reason when unreadable."""
+    try:
+        saved = json.loads(path.read_text())
+        saved["args"]  # noqa: B018 - a KeyError below names the damage
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UsageError(f"--resume: {path} is unreadable ({type(err).__name__}: {err}); the "
+                         f"sweep cannot be resumed, start it again under another --name") from None
+    return saved
+
+
+def check_set_against_points(overrides: dict, points: dict[str, dict[str, dict]]) -> None:
+    """A ``--set FIELD`` that the sweep's named points also set would be silently overridden."""
+    for axis, table in points.items():
+        fields = {k for point in table.values() for k in point}
+        clash = sorted(set(overrides) & fields)
+        if clash:
+            raise UsageError(f"--set {clash[0]}: the sweep's axis '{axis}' sets {clash[0]} in its "
+                             f"points ({', '.join(map(str, table))}), which would override it; "
+                             f"drop --set {clash[0]}")
