@@ -1,7 +1,8 @@
 """Sparsity levels: the reference code's densities 0.6 ... 0.1 on the paper preset.
 
-The default preset's sparsity curves run every registered method (13 with the dense reference)
-at three sparsities, so each trial is made smaller than the other default sweeps': 1,500 training
+The default preset's headline (:data:`HEADLINE`: VPNs, HYDRA and OMP at 90%, plus dense) runs on
+the preset's own task and protocol. Its full grid (``--full``) runs every registered method (13
+with the dense reference) at three sparsities, so each trial is made smaller: 1,500 training
 (150 of them validation) and 500 test images, a 32 px image in a 48 px frame (the 8 px pad prompt
 covers exactly the zero padding; 0.56x the pixels of the 64 px frame), 2 + 2 epochs, and one
 epoch per LTH round (the paper fine-tunes every round fully; LTH at 90% takes 11 rounds, so full
@@ -15,8 +16,11 @@ from search_spaces import base as _base, pick
 CURVES_DEFAULT = dict(_base.SMALL, lth_epochs_per_round=1)
 
 
-def base(preset: str) -> dict:
-    return {**_base.base(preset), **pick(preset, paper={}, default=CURVES_DEFAULT, tiny={})}
+def base(preset: str, full: bool = True) -> dict:
+    """The fixed values: the full grid's smaller task on the default preset (``full``), else
+    the preset's own (the headline)."""
+    small = pick(preset, paper={}, default=CURVES_DEFAULT, tiny={}) if full else {}
+    return {**_base.base(preset), **small}
 
 
 def levels(preset: str) -> list[float]:

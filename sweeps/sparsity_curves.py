@@ -19,10 +19,10 @@ def flags(parser):
 
 
 def plan(sweep):
-    base = sparsity.base(sweep.preset)
     headline = sparsity.headline(sweep.preset)
-    space = ({**method.space(sweep.preset), **sparsity.space(sweep.preset)}
-             if sweep.args.full or headline is None else headline)
+    full = sweep.args.full or headline is None
+    base = sparsity.base(sweep.preset, full=full)
+    space = {**method.space(sweep.preset), **sparsity.space(sweep.preset)} if full else headline
     sweep.run_phase("pruned", base, space)
     sweep.run_phase("dense", base, {"method": method.reference_methods()})
 

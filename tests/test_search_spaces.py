@@ -66,7 +66,7 @@ def test_the_grid_runs_its_longest_trials_first():
 def test_overrides_parse_python_literals():
     assert parse_overrides(["train_subset=500", "data_root=none", "prompt=fix", "sparsity=0.5"]) == {
         "train_subset": 500, "data_root": None, "prompt": "fix", "sparsity": 0.5}
-    with pytest.raises(SystemExit, match="not_a_field"):
+    with pytest.raises(ValueError, match="not_a_field"):
         parse_overrides(["not_a_field=1"])
 
 
