@@ -128,7 +128,7 @@ class Trial:
                                            prompt_size=cfg.resolved_prompt_size,
                                            plain_frame=cfg.plain_frame)
         #: whether this trial's method ever feeds the prompt (else every pass is a plain one)
-        self.uses_prompt = cfg.effective_vp_stages != "none"
+        self.uses_prompt = cfg.prompt != "none" and cfg.effective_vp_stages != "none"
         self.prompt.channels_last = self._channels_last()
         self.model.to(self.device)
         self.prompt.to(self.device)
