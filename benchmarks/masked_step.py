@@ -18,12 +18,18 @@ alone (the prompt's own cost is mostly the input gradient of the first convoluti
 dense fine-tuning never computes). On a CPU the ratios use process CPU time by default
 (``--clock cpu``): the machine may be shared, and waiting for a core is not the step's cost.
 
+``--layout both`` times every variant twice, in the contiguous (NCHW) and the channels_last
+(NHWC) memory format, round-robin in the same run, and adds the column ``x NCHW`` (NHWC time ÷
+NCHW time of the same variant): the measure behind ``Config.channels_last``'s default.
+
 Targets (issue #7): stage 2 ≤ 1.10x dense, stage 1 ≤ 1.25x dense. ``--profile`` adds a
 torch.profiler table of the most expensive operators per variant.
 
     python benchmarks/masked_step.py                      # 32 px (batch 64) and 224 px (batch 16)
     python benchmarks/masked_step.py --quick              # 32 px only, fewer iterations
     python benchmarks/masked_step.py --sizes 224 --batch 32 --threads 2 --profile
+    python benchmarks/masked_step.py --model efficientnet_lite0 --sizes 64 --batch 64 --pads 8 \
+        --allocation erk --layout both --variants stage1 stage2          # the embedded default
 
 Writes ``results/benchmarks/masked_step.json``.
 """
@@ -47,8 +53,12 @@ VARIANTS = ("dense", "stage1", "stage2", "dense_prompt", "stage1_noprompt", "sta
 TARGETS = {"stage1": 1.25, "stage2": 1.10}
 
 
-def make_trial(size: int, pad: int, batch: int, args: argparse.Namespace, workdir: str) -> Trial:
-    cfg = Config(model=args.model, pretrained=False, dataset="fashion_mnist", train_subset=batch,
+LAYOUTS = {"auto": None, "nchw": False, "nhwc": True}
+
+
+def make_trial(size: int, pad: int, batch: int, args: argparse.Namespace, workdir: str,
+               layout: str = "auto") -> Trial:
+    cfg = Config(channels_last=LAYOUTS[layout], model=args.model, pretrained=False, dataset="fashion_mnist", train_subset=batch,
                  test_subset=16, val_fraction=0.0, input_size=size, output_size=size,
                  pad_size=pad, method="vpns", sparsity=args.sparsity, allocation=args.allocation,
                  batch_size=batch, num_threads=args.threads, device=args.device,
@@ -118,6 +128,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--clock", choices=("cpu", "wall"), default=None,
                    help="time the ratios use (default: cpu on a CPU device, wall on CUDA)")
+    p.add_argument("--layout", choices=("auto", "nchw", "nhwc", "both"), default="auto",
+                   help="memory format of the model and inputs (auto: Config's default; both: "
+                        "each variant in NCHW and NHWC, side by side)")
     p.add_argument("--profile", action="store_true", help="torch.profiler table per variant")
     p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="32 px only, 1 warm-up, 6 iterations")
@@ -133,36 +146,43 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     per_size = lambda values, i: values[i] if i < len(values) else values[-1]
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 
+    layouts = ["nchw", "nhwc"] if args.layout == "both" else [args.layout]
     results, rows, profiles = [], [], {}
     for i, size in enumerate(args.sizes):
         batch, pad = per_size(args.batch, i), per_size(args.pads, i)
         with tempfile.TemporaryDirectory() as tmp:
-            steps = {v: prepare(make_trial(size, pad, batch, args, f"{tmp}/{v}"), v) for v in args.variants}
-            timing = interleaved_medians(steps, args.warmup, args.iters, sync)
+            steps = {(lay, v): prepare(make_trial(size, pad, batch, args, f"{tmp}/{lay}-{v}", lay), v)
+                     for lay in layouts for v in args.variants}
+            named = {f"{v} {lay}": step for (lay, v), step in steps.items()}
+            by_name = interleaved_medians(named, args.warmup, args.iters, sync)
+            timing = {key: by_name[f"{key[1]} {key[0]}"] for key in steps}
             if args.profile:
-                profiles[f"{size}px"] = profile(steps, args.profile_steps, 15)
+                profiles[f"{size}px"] = profile(named, args.profile_steps, 15)
         clock = "" if args.clock == "wall" else "cpu_"
-        base = {v: timing["dense_prompt" if "dense_prompt" in timing and not v.endswith("noprompt")
-                          and v != "dense" else "dense"][f"{clock}median_s"] for v in args.variants}
-        dense = timing["dense"][f"{clock}median_s"]
-        for v in args.variants:
-            t = timing[v]
-            median = t[f"{clock}median_s"]
-            ratio, same = median / dense, median / base[v]
-            target = TARGETS.get(v)
-            results.append({"size": size, "batch": batch, "pad": pad, "variant": v, **t,
-                            "clock": args.clock, "ratio_vs_dense": ratio,
-                            "ratio_vs_dense_same_prompt": same,
-                            "wall_ratio_vs_dense": t["median_s"] / timing["dense"]["median_s"],
-                            "target": target, "images_per_s": batch / t["median_s"]})
-            rows.append([f"{size}px b{batch}", v, median * 1000, t[f"{clock}q1_s"] * 1000,
-                         t[f"{clock}q3_s"] * 1000, t["median_s"] * 1000, ratio, same,
-                         f"<= {target}" if target else "",
-                         ("ok" if ratio <= target else "MISS") if target else ""])
+        for lay in layouts:
+            base = {v: timing[lay, "dense_prompt" if "dense_prompt" in args.variants
+                               and not v.endswith("noprompt") and v != "dense" else "dense"][f"{clock}median_s"]
+                    for v in args.variants}
+            dense = timing[lay, "dense"][f"{clock}median_s"]
+            for v in args.variants:
+                t = timing[lay, v]
+                median = t[f"{clock}median_s"]
+                ratio, same = median / dense, median / base[v]
+                vs_nchw = median / timing["nchw", v][f"{clock}median_s"] if "nchw" in layouts else None
+                target = TARGETS.get(v)
+                results.append({"size": size, "batch": batch, "pad": pad, "variant": v,
+                                "layout": lay, **t, "clock": args.clock, "ratio_vs_dense": ratio,
+                                "ratio_vs_dense_same_prompt": same, "ratio_vs_nchw": vs_nchw,
+                                "wall_ratio_vs_dense": t["median_s"] / timing[lay, "dense"]["median_s"],
+                                "target": target, "images_per_s": batch / t["median_s"]})
+                rows.append([f"{size}px b{batch}", v, lay, median * 1000, t[f"{clock}q1_s"] * 1000,
+                             t[f"{clock}q3_s"] * 1000, t["median_s"] * 1000, ratio, same,
+                             "" if vs_nchw is None else vs_nchw, f"<= {target}" if target else "",
+                             ("ok" if ratio <= target else "MISS") if target else ""])
     print_table(f"masked-step overhead: {args.model}, sparsity {args.sparsity} ({args.allocation}), "
                 f"{args.threads} thread(s), {args.device}, median of {args.iters} ({args.clock} time)",
-                ["input", "variant", "ms/step", "q1", "q3", "wall ms", "x dense", "x same prompt",
-                 "target", ""], rows)
+                ["input", "variant", "layout", "ms/step", "q1", "q3", "wall ms", "x dense",
+                 "x same prompt", "x NCHW", "target", ""], rows)
     payload = {"args": vars(args), "results": results, "profiles": profiles}
     write_json("masked_step", payload, args.out)
     return payload

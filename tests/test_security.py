@@ -112,6 +112,36 @@ def test_kill_9_during_writes_never_leaves_a_half_written_checkpoint(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
 
 
+_EXPORTER = """
+import sys
+import pyarrow as pa, pyarrow.parquet as pq
+from vpns_core.checkpoint import atomic_write
+n = 200_000
+base = pa.table({"trial": pa.array(range(n)), "note": pa.array(["x" * 200] * n)})  # ~40 MB a write
+for version in range(10**6):
+    table = base.append_column("version", pa.array([version] * n))
+    atomic_write(sys.argv[1], lambda handle: pq.write_table(table, handle))
+    print(version, flush=True)
+"""
+
+
+def test_kill_9_during_a_parquet_export_leaves_the_last_whole_file(tmp_path):
+    """The sweep's exports (trials.parquet, epochs.parquet) go through the same atomic writer:
+    a real kill -9 while Parquet is being written leaves the previous export readable."""
+    import pyarrow.parquet as pq
+    target = tmp_path / "trials.parquet"
+    for attempt in range(2):
+        proc = subprocess.Popen([sys.executable, "-c", _EXPORTER, str(target)], stdout=subprocess.PIPE,
+                                text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        written = int(proc.stdout.readline())
+        time.sleep(0.2 + 0.3 * attempt)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        table = pq.read_table(target)
+        assert table.num_rows == 200_000 and table["version"][0].as_py() >= written
+        assert len(set(table["version"].to_pylist())) == 1  # one write, never two halves
+
+
 def test_local_ray_starts_without_dashboard(tmp_path, monkeypatch):
     from sweeps import common
     seen = {}
