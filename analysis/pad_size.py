@@ -21,9 +21,13 @@ def build(runs: Runs) -> Figure:
     pads, none = trials[trials["pad_px"] > 0], trials[trials["pad_px"] == 0]
     if pads.empty:  # only the no-prompt setting ran: plot it as the one point
         pads, none = trials, None
+    loop = ""
+    if none is not None and "config.schedule" in trials and (trials["config.schedule"] == "reference").all():
+        loop = (" Under the authors' loop (schedule reference) a prompt adds a prompted step to every "
+                "iteration, so the pads take twice the no-prompt setting's updates.")
     return accuracy_figure(runs, pads, name=NAME, title=TITLE, x="pad_px",
                            xlabel="pad width (px per side)",
                            tick_label=lambda v: "none" if v == 0 else f"{v}",
                            setting=f"Input size fixed: {frames}. Dotted line and grey band: the "
-                                   f"same pruning without any prompt (mean ± std over seeds).",
+                                   f"same pruning without any prompt (mean ± std over seeds).{loop}",
                            reference=none, reference_label="no prompt")

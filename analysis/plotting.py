@@ -385,9 +385,9 @@ def reference_note(table: pd.DataFrame, ref: pd.Series, stem: str, label: Callab
     within = [r for r in judged if r not in above and r not in below]
     parts = []
     if above:
-        parts.append("above beyond seed noise: " + ", ".join(label(r) for r in above))
+        parts.append("above it beyond seed noise: " + ", ".join(label(r) for r in above))
     if below:
-        parts.append("below beyond seed noise: " + ", ".join(label(r) for r in below))
+        parts.append("below it beyond seed noise: " + ", ".join(label(r) for r in below))
     if within:
         parts.append("within seed noise, i.e. no difference: " + ", ".join(label(r) for r in within))
     if len(judged) < len(rows):

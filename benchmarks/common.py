@@ -97,3 +97,14 @@ def write_json(name: str, payload: dict[str, Any], out: str | None = None) -> Pa
                                default=str))
     print(f"\nwrote {path}")
     return path
+
+
+def amp_dtype(enabled: bool, device) -> "torch.dtype | None":
+    """The autocast dtype a benchmark's ``--amp`` stands for, the trial's own rule on CUDA (bf16
+    where supported, else fp16); bf16 on a CPU. None without ``--amp``."""
+    import torch
+    if not enabled:
+        return None
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16

@@ -179,6 +179,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--datasets", nargs="+", default=["embedded", "jpeg"], choices=("embedded", "jpeg"))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--amp", action="store_true", help="the trial's mixed precision (bf16 where supported, "
+                   "else fp16 with loss scaling); on CUDA only, as in trials")
     p.add_argument("--quick", action="store_true", help="128 images, batch 32, 2 repeats, 64 px JPEGs")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -189,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         common = dict(train_subset=args.images, test_subset=16, val_fraction=0.0, batch_size=args.batch,
-                      num_threads=args.threads, device=args.device, label_mapping_samples=64, amp=False)
+                      num_threads=args.threads, device=args.device, label_mapping_samples=64, amp=args.amp)
         if "embedded" in args.datasets:
             cfg = Config(**common)  # the embedded default: Lite0, Fashion-MNIST 48 px in 64 px
             rows += bench_dataset("fashion_mnist (in memory)", cfg, args.workers, args.repeats, f"{tmp}/e")

@@ -62,7 +62,7 @@ def make_trial(size: int, pad: int, batch: int, args: argparse.Namespace, workdi
                  test_subset=16, val_fraction=0.0, input_size=size, output_size=size,
                  pad_size=pad, method="vpns", sparsity=args.sparsity, allocation=args.allocation,
                  batch_size=batch, num_threads=args.threads, device=args.device,
-                 label_mapping_samples=16, amp=False)
+                 label_mapping_samples=16, amp=args.amp)
     return Trial(cfg, workdir, resume=False)
 
 
@@ -133,6 +133,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "each variant in NCHW and NHWC, side by side)")
     p.add_argument("--profile", action="store_true", help="torch.profiler table per variant")
     p.add_argument("--profile-steps", type=int, default=3)
+    p.add_argument("--amp", action="store_true", help="the trial's mixed precision (bf16 where supported, "
+                   "else fp16 with loss scaling); on CUDA only, as in trials")
     p.add_argument("--quick", action="store_true", help="32 px only, 1 warm-up, 6 iterations")
     p.add_argument("--label", default="", help="free text stored with the results (e.g. 'before')")
     p.add_argument("--out", default=None, help="JSON path (default results/benchmarks/masked_step.json)")

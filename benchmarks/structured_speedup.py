@@ -20,9 +20,9 @@ import argparse
 import torch
 
 try:
-    from benchmarks.common import print_table, write_json
+    from benchmarks.common import amp_dtype, print_table, write_json
 except ModuleNotFoundError:  # run as a script
-    from common import print_table, write_json
+    from common import amp_dtype, print_table, write_json
 
 from vpns_core.models import build_model, head_layer
 from vpns_core.structured import ChannelPruner, compare
@@ -45,6 +45,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--amp", action="store_true", help="time under autocast (bf16 where supported, else "
+                   "fp16), as a CUDA trial with amp=True runs")
     p.add_argument("--quick", action="store_true", help="tiny_resnet at 32 px, batch 16, 2 repeats")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -57,7 +59,7 @@ def main(argv=None) -> int:
         dense = build_model(name, pretrained=False).module.to(device)
         for s in args.sparsities:
             r = compare(dense, pruned_copy(name, args.size, s, device), args.size, device=device,
-                        batches=(1, args.batch), repeats=args.repeats)
+                        batches=(1, args.batch), repeats=args.repeats, amp_dtype=amp_dtype(args.amp, device))
             results.append({"model": name, "channel_sparsity": s, **r})
             rows.append([name, s, r["params_ratio"], r["flops_ratio"], r["speedup_b1"], r["speedup"],
                          r["memory_ratio"], r["train_speedup"], r["train_memory_ratio"],

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
 import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
@@ -164,6 +165,7 @@ def trainable(config: dict[str, Any], points: dict[str, dict] | None = None) -> 
     ``tune.get_checkpoint()``, and end with one ``final`` report carrying the selected
     accuracies and the artifacts (masks, layer stats, prompt PNG, exported model)."""
     cfg = Config.from_dict(resolve(config, points))
+    cap_gpu_memory(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0), cfg.device)
     # Scratch space outside Tune's trial folder, which Tune copies to storage wholesale; what
     # must survive goes into the reported checkpoints. A leftover of a dead attempt is stale:
     # Tune's latest checkpoint is the truth.
@@ -174,6 +176,17 @@ def trainable(config: dict[str, Any], points: dict[str, dict] | None = None) -> 
         _train(cfg, scratch)
     finally:  # also when ASHA stops the trial (SystemExit inside tune.report)
         shutil.rmtree(scratch, ignore_errors=True)
+        if cfg.device != "cpu" and torch.cuda.is_available():
+            torch.cuda.empty_cache()  # a reused actor's next trial starts with the GPU's memory free
+
+
+def cap_gpu_memory(share: float, device: str) -> float | None:
+    """Trials that share a GPU (``--gpus-per-trial 0.5``) each get at most their share of its
+    memory, so one trial cannot starve the other into out-of-memory errors. Returns the cap."""
+    if not 0 < share < 1 or device == "cpu" or not torch.cuda.is_available():
+        return None
+    torch.cuda.set_per_process_memory_fraction(share)
+    return share
 
 
 def _train(cfg: Config, scratch: Path) -> None:
@@ -509,7 +522,7 @@ class Sweep:
         args = self.args
         overrides = parse_overrides(args.set)
         check_set_against_points(overrides, {k: v for k, v in space.items() if isinstance(v, dict)})
-        fixed = {**base, **runtime_fields(args), **overrides}
+        fixed = {**base, **runtime_fields(args, base.get("num_workers", 0)), **overrides}
         if args.data_root:
             fixed["data_root"] = str(Path(args.data_root).resolve())
         fixed["tags"] = {**fixed.get("tags", {}), "sweep": self.name, "preset": self.preset}
@@ -620,12 +633,14 @@ def _tune_axis(values: Any, search: str) -> Any:
     return tune.grid_search(labels) if search == "grid" else tune.choice(labels)
 
 
-def runtime_fields(args: argparse.Namespace) -> dict[str, Any]:
+def runtime_fields(args: argparse.Namespace, preset_workers: int = 0) -> dict[str, Any]:
     """Per-trial runtime: one torch thread per reserved CPU (oversubscribed threads are up to
-    60x slower when trials share cores), CUDA when GPUs are reserved, never download in a trial."""
+    60x slower when trials share cores), CUDA when GPUs are reserved, never download in a trial,
+    and no more data-loading workers than the reserved CPUs leave beside the training process
+    (the preset's count at most)."""
     threads = max(1, math.floor(args.cpus_per_trial))
     return {"num_threads": threads, "device": "cuda" if args.gpus_per_trial > 0 else "cpu",
-            "download": False}
+            "download": False, "num_workers": min(preset_workers, threads - 1)}
 
 
 def listed_axes(axes: dict[str, Any]) -> dict[str, list]:

@@ -42,6 +42,9 @@ def check_flags(args: argparse.Namespace) -> None:
                          f"(fractions allowed)")
     if args.gpus_per_trial < 0:
         raise UsageError(f"--gpus-per-trial {args.gpus_per_trial:g}: must be 0 or more (fractions allowed)")
+    if args.gpus_per_trial > 1:
+        raise UsageError(f"--gpus-per-trial {args.gpus_per_trial:g}: a trial runs on one GPU; use at most 1 "
+                         f"(fractions such as 0.5 pack several trials on one GPU)")
     for seed in args.seeds or ():
         at_least("--seeds", seed, 0)
     if args.metric.startswith(("test", "selected_test")):

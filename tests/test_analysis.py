@@ -85,8 +85,9 @@ def check_pad(table, figure):
     assert "pad width 16: 1/3 seeds finished (1 stopped early, 1 missing)" in text
     assert "pad width 8: 2/3 seeds finished (1 failed)" in text
     # no prompt is the reference band: pad 8 (71 ± 1.4) lies above 62 ± 2 beyond seed noise
-    assert ("After weight tuning, against no prompt (62.0 ± 2.0%): above beyond seed noise: "
+    assert ("After weight tuning, against no prompt (62.0 ± 2.0%): above it beyond seed noise: "
             "pad width 8; not judged (one seed): pad width 16.") in text
+    assert "twice the no-prompt setting's updates" not in text  # the paper schedule: one step each
 
 
 def input_rows():
@@ -258,6 +259,12 @@ CASES = {"pad_size": (pad_rows, check_pad), "input_size": (input_rows, check_inp
          "architectures": (architecture_rows, check_architectures),
          "transfer": (transfer_rows, check_transfer), "pilot": (pilot_rows, check_pilot),
          "structured": (structured_rows, check_structured), "learning_rates": (lr_rows, check_lr)}
+
+
+def test_pad_caption_says_the_pads_take_twice_the_updates_under_the_reference_loop():
+    rows = [{**row, "config.schedule": "reference"} for row in pad_rows()]
+    caption = " ".join(analysis.FIGURES["pad_size"].build(runs_of(rows)).caption)
+    assert "the pads take twice the no-prompt setting's updates" in caption
 
 
 def test_every_registered_figure_has_a_synthetic_case():

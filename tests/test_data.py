@@ -302,7 +302,8 @@ def test_random_crop_flip_never_reads_values_back_to_host(monkeypatch):
     assert out.shape == (8, 3, 32, 32)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (VPNS_TEST_CUDA=1)")
 def test_random_crop_flip_cuda_without_sync():
     x = torch.randint(0, 255, (32, 3, 36, 36), dtype=torch.uint8, device="cuda")
     g = torch.Generator(device="cuda").manual_seed(0)

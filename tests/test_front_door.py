@@ -32,7 +32,8 @@ def _cases(tmp):
         (["--cpus-per-trial", "0"], "--cpus-per-trial 0: must be greater than 0"),
         (["--cpus-per-trial", "512"], "--cpus-per-trial 512: this machine has"),
         (["--gpus-per-trial", "-1"], "--gpus-per-trial -1: must be 0 or more"),
-        ([] if torch.cuda.is_available() else ["--gpus-per-trial", "2"], "--gpus-per-trial 2: this machine has 0 GPUs"),
+        (["--gpus-per-trial", "1"], "--gpus-per-trial 1: this machine has 0 GPUs"),  # conftest hides GPUs
+        (["--gpus-per-trial", "2"], "--gpus-per-trial 2: a trial runs on one GPU"),
         (["--seeds", "-1"], "--seeds -1: must be at least 0"),
         (["--max-failures", "-2"], "--max-failures -2: must be at least 0"),
         (["--metric", "test_acc"], "--metric test_acc: select on validation or training metrics"),

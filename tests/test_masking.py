@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from vpns_core.masking import (ALLOCATIONS, MaskedNetwork, erk_densities, kth_smallest_abs,
-                                plain_state_dict, scaled_score_init)
+from vpns_core.masking import (ALLOCATIONS, MaskedNetwork, erk_densities, kth_smallest,
+                               kth_smallest_abs, plain_state_dict, scaled_score_init, score_grad_)
 
 
 def tiny_net():
@@ -180,6 +180,24 @@ def test_kth_smallest_abs_equals_kthvalue_of_the_concatenation(k_fraction):
     got = kth_smallest_abs(parts, k)
     expected = torch.kthvalue(flat, k).values if k > 0 else torch.tensor(float("-inf"))
     assert torch.equal(got, expected)
+
+
+def test_the_gpu_threshold_method_sort_equals_kthvalue_exactly():
+    # CUDA takes the k-th smallest from a sort (its kthvalue is slow); run both on the CPU here
+    torch.manual_seed(0)
+    values = torch.cat([torch.randn(200_000).abs(), torch.randn(50_000).round(decimals=1).abs()])
+    for k in (1, 7, 125_000, 249_999, 250_000):
+        assert torch.equal(kth_smallest(values, k, "sort"), kth_smallest(values, k, "kthvalue"))
+    with pytest.raises(ValueError, match="method: choose from kthvalue, sort"):
+        kth_smallest(values, 1, "topk")
+
+
+def test_the_gpu_score_gradient_path_equals_the_chunked_cpu_path():
+    torch.manual_seed(0)
+    grad, weight, scores = torch.randn(3, 1 << 19), torch.randn(3, 1 << 19), torch.randn(3, 1 << 19)
+    expected = grad * weight * scores.sign()
+    for chunked in (True, False):  # False: the one-pass path a GPU takes
+        assert torch.equal(score_grad_(grad.clone(), weight, scores, chunked=chunked), expected)
 
 
 def test_kth_smallest_abs_is_exact_when_the_sample_misleads():

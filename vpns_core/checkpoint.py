@@ -75,8 +75,10 @@ def check_readable(path: str | os.PathLike, field: str = "checkpoint") -> None:
                               f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
 
 
-def rng_state() -> dict[str, Any]:
-    """Python, NumPy, torch CPU and CUDA generator states as weights_only-safe values."""
+def rng_state(device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Python, NumPy and torch CPU generator states as weights_only-safe values, plus the CUDA
+    generator of the trial's own device (only that one: a trial resumed where another number of
+    GPUs is visible must not restore states to devices that are not there)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "python": _tuples_to_lists(random.getstate()),
@@ -84,19 +86,38 @@ def rng_state() -> dict[str, Any]:
                   "has_gauss": int(has_gauss), "gauss": float(gauss)},
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    device = torch.device(device)
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device | str = "cpu") -> None:
+    """Restore :func:`rng_state`. The saved CUDA state goes to the trial's device when it runs on
+    one (a CPU checkpoint resumed on a GPU keeps that GPU's seeded generator; a GPU checkpoint
+    resumed on the CPU drops it). Checkpoints of older versions hold a list, one state per
+    visible GPU: the trial device's entry, or the first, is used."""
     random.setstate(_lists_to_tuples(state["python"]))
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],
                          n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    device = torch.device(device)
+    saved = state.get("cuda")
+    if device.type == "cuda" and saved is not None:
+        if isinstance(saved, (list, tuple)):
+            if not saved:
+                return
+            saved = saved[device.index or 0] if (device.index or 0) < len(saved) else saved[0]
+        torch.cuda.set_rng_state(saved, device)
+
+
+def load_scaler_state(scaler: torch.amp.GradScaler, state: dict[str, Any]) -> None:
+    """Load a GradScaler's saved state, skipping an empty one: a checkpoint written on a CPU or
+    under bf16 (scaler disabled, state ``{}``) resumed under fp16 starts a fresh scale, where
+    ``GradScaler.load_state_dict({})`` would raise."""
+    if state:
+        scaler.load_state_dict(state)
 
 
 def seed_everything(seed: int) -> None:

@@ -60,16 +60,25 @@ class _MaskedWeight(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             if grad.is_contiguous() and grad._base is None and grad_weight is None:
                 # The incoming gradient is the layer's fresh weight gradient, used by nothing
-                # else: scaled in place, chunk by chunk (no weight-sized temporaries to allocate
-                # and page-fault on a CPU).
-                sign = torch.empty(min(_CHUNK, grad.numel()), dtype=grad.dtype, device=grad.device)
-                for g, w, s in zip(grad.view(-1).split(_CHUNK), weight.detach().reshape(-1).split(_CHUNK),
-                                   scores.detach().reshape(-1).split(_CHUNK)):
-                    g.mul_(w).mul_(torch.sign(s, out=sign[:g.numel()]))
-                grad_scores = grad
+                # else: scaled in place.
+                grad_scores = score_grad_(grad, weight, scores)
             else:
                 grad_scores = grad * weight * scores.sign()
         return grad_weight, grad_scores, None, None
+
+
+def score_grad_(grad: Tensor, weight: Tensor, scores: Tensor, chunked: bool | None = None) -> Tensor:
+    """``grad * weight * sign(scores)``, written into ``grad``. ``chunked`` (the CPU default) runs
+    it chunk by chunk (no weight-sized temporaries to allocate and page-fault on a CPU); on a GPU
+    (default) it is one pass over the whole tensor, not ~45 chunks of 3 small kernels each."""
+    weight, scores = weight.detach(), scores.detach()
+    if not (grad.device.type == "cpu" if chunked is None else chunked):
+        return grad.mul_(weight).mul_(scores.sign())
+    sign = torch.empty(min(_CHUNK, grad.numel()), dtype=grad.dtype, device=grad.device)
+    for g, w, s in zip(grad.view(-1).split(_CHUNK), weight.reshape(-1).split(_CHUNK),
+                       scores.reshape(-1).split(_CHUNK)):
+        g.mul_(w).mul_(torch.sign(s, out=sign[:g.numel()]))
+    return grad
 
 
 # Per score-mode layer, in ``module.__dict__["_vpns_state"]``: ``masked`` (w * 1[|s| > thr]), with
@@ -461,6 +470,20 @@ def _sparse_nonzero(flags: Tensor) -> Tensor:
     return words.index_select(0, row) * 8 + col
 
 
+def kth_smallest(values: Tensor, k: int, method: str | None = None) -> Tensor:
+    """The ``k``-th smallest (1-based) of a 1-D tensor, as a 0-d tensor on its device.
+    ``method``: ``kthvalue`` (the CPU default: a selection, linear time) or ``sort`` (the default
+    elsewhere: CUDA's ``kthvalue`` is many times slower than its radix sort on millions of
+    values, pytorch/pytorch#75599). Both return exactly the same value; neither syncs with the
+    host."""
+    method = method or ("kthvalue" if values.device.type == "cpu" else "sort")
+    if method == "kthvalue":
+        return torch.kthvalue(values, k).values
+    if method == "sort":
+        return torch.sort(values).values[k - 1]
+    raise ValueError(f"method: choose from kthvalue, sort (got {method!r})")
+
+
 @torch.no_grad()
 def kth_smallest_abs(tensors: list[Tensor], k: int, masks_out: list[Tensor] | None = None) -> Tensor:
     """The ``k``-th smallest of ``|t|`` over all ``tensors`` (exactly ``torch.kthvalue`` of their
@@ -473,7 +496,7 @@ def kth_smallest_abs(tensors: list[Tensor], k: int, masks_out: list[Tensor] | No
     values below the bracket and gathers those inside it (about 1% of them); ``kthvalue`` runs
     on the band only. If the bracket misses, the full ``kthvalue`` runs. Same result, about 6x
     faster for ResNet-18. On other devices (no host synchronisation wanted) it is one
-    ``kthvalue``.
+    :func:`kth_smallest` (a sort on CUDA).
     """
     outs = [m.view(-1) for m in masks_out] if masks_out is not None else None
 
@@ -495,7 +518,7 @@ def _select(tensors: list[Tensor], k: int, on_chunk=None, on_clear=None) -> Tens
     n = sum(f.numel() for f in flat)
 
     def exact() -> Tensor:
-        value = (torch.kthvalue(torch.cat(flat).abs() if len(flat) > 1 else flat[0].abs(), k).values
+        value = (kth_smallest(torch.cat(flat).abs() if len(flat) > 1 else flat[0].abs(), k)
                  if k > 0 else torch.tensor(float("-inf"), device=device))
         for i, f in enumerate(flat if on_chunk is not None else []):
             on_chunk(i, 0, torch.gt(f.abs(), value).to(f.dtype))

@@ -170,7 +170,10 @@ class _BatchSummedInputGrad(torch.autograd.Function):
         probe = torch.zeros((1, *ctx.shape[1:]), dtype=weight.dtype, device=grad.device, requires_grad=True)
         with torch.enable_grad():
             out = type(layer).forward(layer, probe)  # no hooks: the layer's own computation
-            (grad_in,) = torch.autograd.grad(out, probe, grad.sum(0, keepdim=True).to(out.dtype))
+            # summed over the batch in fp32 (an fp16 gradient summed over 256 images overflows
+            # or loses the small terms)
+            summed = grad.sum(0, keepdim=True, dtype=torch.float32)
+            (grad_in,) = torch.autograd.grad(out, probe, summed.to(out.dtype))
         grad_in = (grad_in / ctx.shape[0]).to(ctx.dtype).expand(ctx.shape)
         return grad, grad_in, None
 

@@ -37,14 +37,30 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import contextlib
+import importlib
+
 import torch
-import torch_pruning as tp
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 CHANNEL_METHODS = ("vpns", "slim", "depgraph")
 CHANNEL_ALLOCATIONS = ("layerwise", "global")
-_IN = (tp.prune_conv_in_channels, tp.prune_linear_in_channels)
+
+
+class _Lazy:
+    """torch-pruning, imported on first use: only channel methods need it, and importing it
+    costs about a second in every trial and sweep driver."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(importlib.import_module("torch_pruning"), name)
+
+
+tp = _Lazy()
+
+
+def _in_fns() -> tuple[Callable, ...]:
+    return (tp.prune_conv_in_channels, tp.prune_linear_in_channels)
 
 
 class _ChannelGate(torch.autograd.Function):
@@ -72,17 +88,17 @@ class ChannelGroup:
     gates: list[tuple[nn.Module, Tensor, Tensor]] = field(default_factory=list)
 
 
-class _ScoreImportance(tp.importance.Importance):
-    """Importance of a group = |learned score| of each of its root channels."""
+def _score_importance(owner: "ChannelPruner"):
+    """torch-pruning importance of a group = |learned score| of each of its root channels."""
 
-    def __init__(self, owner: "ChannelPruner") -> None:
-        self.owner = owner
+    class ScoreImportance(tp.importance.Importance):
+        @torch.no_grad()
+        def __call__(self, group) -> Tensor | None:
+            name = owner.names.get(group[0].dep.target.module)
+            scores = owner.scores_of(name) if name is not None else None
+            return None if scores is None else scores.detach().abs().float()
 
-    @torch.no_grad()
-    def __call__(self, group) -> Tensor | None:
-        name = self.owner.names.get(group[0].dep.target.module)
-        scores = self.owner.scores_of(name) if name is not None else None
-        return None if scores is None else scores.detach().abs().float()
+    return ScoreImportance()
 
 
 def _root_fn(module: nn.Module) -> Callable:
@@ -129,7 +145,7 @@ class ChannelPruner(nn.Module):
                 self.pruner = tp.pruner.GroupNormPruner(
                     model, importance=tp.importance.GroupMagnitudeImportance(p=2), **common, **kw)
             else:
-                self.pruner = tp.pruner.BasePruner(model, importance=_ScoreImportance(self), **common)
+                self.pruner = tp.pruner.BasePruner(model, importance=_score_importance(self), **common)
         finally:
             model.train(was_training)
         self.groups = self._groups()
@@ -151,7 +167,7 @@ class ChannelPruner(nn.Module):
             entry = ChannelGroup(name, channels)
             for item in group:
                 module, fn = item.dep.target.module, item.dep.handler
-                if fn not in _IN or not isinstance(module, (nn.Conv2d, nn.Linear)):
+                if fn not in _in_fns() or not isinstance(module, (nn.Conv2d, nn.Linear)):
                     continue
                 pairs = [(int(i), int(r)) for i, r in zip(item.idxs, item.root_idxs) if r is not None]
                 if pairs:
@@ -410,11 +426,15 @@ def _peak_mb(fn: Callable[[], Any], model: nn.Module, device: torch.device) -> f
 
 
 def measure(model: nn.Module, size: int, *, device: torch.device | str = "cpu",
-            batches: tuple[int, ...] = (1, 64), repeats: int = 5, train: bool = True) -> dict[str, float]:
+            batches: tuple[int, ...] = (1, 64), repeats: int = 5, train: bool = True,
+            amp_dtype: torch.dtype | None = None) -> dict[str, float]:
     """Parameters, FLOPs per image (``torch.utils.flop_counter``), inference latency and
     throughput at each batch size, peak inference memory at the largest batch and, with
-    ``train``, the time and peak memory of one SGD training step at the largest batch."""
+    ``train``, the time and peak memory of one SGD training step at the largest batch. With
+    ``amp_dtype`` (CUDA: bf16 or fp16) the timed passes run under autocast, as trials do."""
     device = torch.device(device)
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None \
+        else contextlib.nullcontext
     was_training = model.training
     model.to(device).eval()
     out: dict[str, float] = {"params": float(count_parameters(model))}
@@ -423,7 +443,7 @@ def measure(model: nn.Module, size: int, *, device: torch.device | str = "cpu",
             model(torch.zeros(1, 3, size, size, device=device))
     out["gflops"] = counter.get_total_flops() / 1e9
     big = max(batches)
-    with torch.no_grad():
+    with torch.no_grad(), autocast():
         for b in batches:
             x = torch.randn(b, 3, size, size, device=device)
             t = _median_time(lambda: model(x), device, repeats)
@@ -444,7 +464,9 @@ def measure(model: nn.Module, size: int, *, device: torch.device | str = "cpu",
 
         def step():  # any scalar loss: the cost is the backward pass, not the loss
             opt.zero_grad(set_to_none=True)
-            model(x).float().square().mean().backward()
+            with autocast():
+                loss = model(x).float().square().mean()
+            loss.backward()
             opt.step()
 
         out["train_step_ms"] = 1e3 * _median_time(step, device, repeats)

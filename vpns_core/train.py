@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
-from .checkpoint import CheckpointError, atomic_save, rng_state, safe_load, seed_everything, set_rng_state
+from .checkpoint import (CheckpointError, atomic_save, load_scaler_state, rng_state, safe_load, seed_everything,
+                         set_rng_state)
 from .config import Config
 from .data import DataSplits, build_data, random_crop_flip, stratified_sample
 from .label_mapping import LabelMap, frequency_label_mapping
@@ -159,6 +160,8 @@ class Trial:
         self.mask_file_masks = self._load_mask_file() if cfg.mask_file else None
 
         use_cuda = self.device.type == "cuda"
+        if use_cuda:  # fixed input shapes: let cuDNN pick the fastest kernels once
+            torch.backends.cudnn.benchmark = True
         self.amp_dtype = None
         if use_cuda and cfg.amp:
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -421,9 +424,9 @@ class Trial:
         if state is not None and state["stage"] == stage:
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
-            self.scaler.load_state_dict(state["scaler"])
+            load_scaler_state(self.scaler, state["scaler"])
             start = state["stage_epoch"]
-            set_rng_state(state["rng"])
+            set_rng_state(state["rng"], self.device)
             self.resume_state = None
         elif not self.mapping_done:
             # After the threshold is set, with the zero-initialised prompt: the frame a prompted
@@ -642,7 +645,7 @@ class Trial:
             "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "rng": rng_state(),
+            "rng": rng_state(self.device),
             "history": self.history,
             "grad_steps": self.grad_steps,
             "prompted_steps": self.prompted_steps,
@@ -689,7 +692,7 @@ class Trial:
             self.best_state = state["best_state"]
         self.mapping_done = True
         if state["stage"] in self.completed:
-            set_rng_state(state["rng"])
+            set_rng_state(state["rng"], self.device)
         else:
             self.resume_state = state
 
@@ -725,7 +728,7 @@ class Trial:
             replace_head(dense, self.data.num_classes)
         if cfg.measure_repeats:
             return compare(dense, self.model, cfg.output_size, device=self.device,
-                           repeats=cfg.measure_repeats)
+                           repeats=cfg.measure_repeats, amp_dtype=self.amp_dtype)
         pruned = count_parameters(self.model)
         return {"dense_params": float(self.dense_params), "pruned_params": float(pruned),
                 "params_ratio": pruned / self.dense_params}

@@ -21,8 +21,25 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..train import Trial
 
 
+def _unscaled_grad(loss: Tensor, params: Sequence[Tensor], scaler=None) -> list[Tensor | None]:
+    """Gradients of ``loss``, taken on the loss scaled by ``scaler`` (the trial's GradScaler,
+    enabled under fp16: small gradients of fp16 activations do not flush to zero) and divided
+    back in fp32. Without an enabled scaler, plain gradients."""
+    if scaler is None or not scaler.is_enabled():
+        return list(torch.autograd.grad(loss, params, allow_unused=True))
+    scaled = scaler.scale(loss)  # also creates the scale on first use
+    scale = float(scaler.get_scale())
+    grads = torch.autograd.grad(scaled, params, allow_unused=True)
+    return [None if g is None else (g.float() / scale).to(g.dtype) for g in grads]
+
+
+def _finite(grads: Sequence[Tensor | None]) -> bool:
+    return all(bool(torch.isfinite(g).all()) for g in grads if g is not None)
+
+
 def upper_level_gradient(loss: Tensor, net: "MaskedNetwork", implicit_lr: float,
-                         others: Sequence[Tensor] = ()) -> tuple[list[Tensor], list[Tensor | None]]:
+                         others: Sequence[Tensor] = (), scaler=None
+                         ) -> tuple[list[Tensor], list[Tensor | None]]:
     """BiP's implicit gradient of the upper level w.r.t. the mask, one tensor per layer:
 
     ``dℓ(m ⊙ θ*(m))/dm = ∇_m ℓ − (1/γ) ∇_z ℓ ⊙ ∇_θ ℓ`` with ``z = m ⊙ θ``: the implicit-function
@@ -37,7 +54,7 @@ def upper_level_gradient(loss: Tensor, net: "MaskedNetwork", implicit_lr: float,
     """
     scores = [m.weight_scores for _, m in net.layers]
     weights = [m.weight_orig for _, m in net.layers]
-    grads = torch.autograd.grad(loss, scores + weights + list(others), allow_unused=True)
+    grads = _unscaled_grad(loss, scores + weights + list(others), scaler)
     n = len(scores)
     g_s, g_theta = grads[:n], grads[n:2 * n]
     upper = [gs - implicit_lr * s.detach().sign() * gt * gt for gs, s, gt in zip(g_s, scores, g_theta)]
@@ -59,9 +76,18 @@ class BilevelStep:
             p.requires_grad_(True)
         # Algorithm A1, lower level: one SGD step with the mask m_t fixed,
         # θ_{t+1} = θ_t − β_t ∇_θ [ℓ(m_t ⊙ θ_t) + γ_wd/2 ‖θ_t‖²]; β_t follows the stage's cosine.
+        # Under fp16 both levels take their gradients on the loss scaled by the trial's
+        # GradScaler; an overflow skips the iteration and backs the scale off, as the scaler
+        # does for the other methods.
+        scaler = trial.scaler
         with trial.autocast():
-            loss = F.cross_entropy(trial.forward(x, prompted).float(), y)
-        grads = torch.autograd.grad(loss, self.weights, allow_unused=True)
+            logits = trial.forward(x, prompted).float()
+            loss = F.cross_entropy(logits, y)
+        grads = _unscaled_grad(loss, self.weights, scaler)
+        trial.count_passes(forward=1, backward=1)
+        if scaler.is_enabled() and not _finite(grads):
+            scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+            return loss.detach(), logits.detach()
         group = opt.param_groups[0]
         beta = (cfg.bip_weight_lr or cfg.tune_lr) * group["lr"] / group["initial_lr"]
         with torch.no_grad():
@@ -76,11 +102,14 @@ class BilevelStep:
             loss = F.cross_entropy(logits, y)
         scores = trial.net.scores()
         others = [p for g in opt.param_groups for p in g["params"] if all(p is not s for s in scores)]
-        upper, other_grads = upper_level_gradient(loss, trial.net, cfg.bip_implicit_lr, others)
+        upper, other_grads = upper_level_gradient(loss, trial.net, cfg.bip_implicit_lr, others, scaler)
+        trial.count_passes(forward=1, backward=1)
+        trial.grad_steps += 1  # the lower-level step; the stage counts the upper one
+        if scaler.is_enabled() and not _finite(upper + other_grads):
+            scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+            return loss, logits  # no .grad set: the optimiser step changes nothing
         for p, g in zip(scores + others, upper + other_grads):
             p.grad = g
-        trial.count_passes(forward=2, backward=2)
-        trial.grad_steps += 1  # the lower-level step; the stage counts the upper one
         return loss, logits
 
 

@@ -1,0 +1,121 @@
+"""What would break a CUDA run, checked on the CPU: resume across devices and GPU counts."""
+import pytest
+import torch
+
+from vpns_core import checkpoint
+from vpns_core.checkpoint import load_scaler_state, rng_state, set_rng_state
+
+
+def test_an_empty_scaler_state_is_skipped_not_loaded():
+    # a CPU or bf16 checkpoint (scaler disabled: state {}) resumed under fp16 loss scaling
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    with pytest.raises(RuntimeError):
+        scaler.load_state_dict({})  # what the trial did before
+    load_scaler_state(scaler, {})
+    assert scaler.get_scale() == 2.0 ** 16  # a fresh scale
+    load_scaler_state(scaler, {"scale": 8.0, "growth_factor": 2.0, "backoff_factor": 0.5,
+                               "growth_interval": 2000, "_growth_tracker": 0})
+    assert scaler.get_scale() == 8.0
+
+
+class FakeCuda:
+    """torch.cuda's generator calls on a machine whose visible GPUs are ``count``."""
+
+    def __init__(self, count):
+        self.count, self.set_calls = count, []
+
+    def get_rng_state(self, device):
+        assert device.index < self.count
+        return torch.full((16,), device.index, dtype=torch.uint8)
+
+    def set_rng_state(self, state, device):
+        if device.index >= self.count:
+            raise RuntimeError(f"invalid device ordinal {device.index}")
+        self.set_calls.append((int(state[0]), device.index))
+
+
+def test_rng_state_saves_and_restores_only_the_trial_device(monkeypatch):
+    saved_on = FakeCuda(count=4)
+    monkeypatch.setattr(checkpoint.torch.cuda, "get_rng_state", saved_on.get_rng_state)
+    state = rng_state("cuda:3")
+    assert int(state["cuda"][0]) == 3 and state["cuda"].shape == (16,)  # one device's state
+    resumed_on = FakeCuda(count=1)  # resumed where one GPU is visible
+    monkeypatch.setattr(checkpoint.torch.cuda, "set_rng_state", resumed_on.set_rng_state)
+    set_rng_state(state, "cuda:0")
+    assert resumed_on.set_calls == [(3, 0)]
+    set_rng_state(state, "cpu")  # a GPU checkpoint resumed on the CPU drops the CUDA state
+    assert resumed_on.set_calls == [(3, 0)]
+    # checkpoints of earlier versions saved every visible GPU: the trial device's entry is used
+    old = {**state, "cuda": [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]}
+    set_rng_state(old, "cuda:0")
+    assert resumed_on.set_calls[-1] == (0, 0)
+    cpu_state = rng_state("cpu")  # a CPU checkpoint resumed on a GPU: no CUDA state to set
+    assert "cuda" not in cpu_state
+    set_rng_state(cpu_state, "cuda:0")
+    assert len(resumed_on.set_calls) == 2
+
+
+def test_a_trial_of_a_weight_method_does_not_import_torch_pruning():
+    import subprocess
+    import sys
+    code = ("import sys; from vpns_core.train import Trial; "
+            "assert 'torch_pruning' not in sys.modules, 'imported'; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_trials_sharing_a_gpu_get_their_share_of_its_memory(monkeypatch):
+    from sweeps import common
+    calls = []
+    monkeypatch.setattr(common.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(common.torch.cuda, "set_per_process_memory_fraction", calls.append)
+    assert common.cap_gpu_memory(0.5, "cuda") == 0.5 and calls == [0.5]
+    assert common.cap_gpu_memory(1.0, "cuda") is None  # a whole GPU: no cap
+    assert common.cap_gpu_memory(0.25, "cpu") is None
+    assert calls == [0.5]
+
+
+def test_loading_workers_fit_in_the_reserved_cpus():
+    import argparse
+    from sweeps.common import runtime_fields
+    args = argparse.Namespace(cpus_per_trial=4.0, gpus_per_trial=1.0)
+    assert runtime_fields(args, preset_workers=4)["num_workers"] == 3  # 3 + the training process
+    assert runtime_fields(args, preset_workers=2)["num_workers"] == 2
+    assert runtime_fields(argparse.Namespace(cpus_per_trial=1.0, gpus_per_trial=0.0), 4)["num_workers"] == 0
+
+
+def _bip_trial(tmp_path, scaler):
+    from test_methods import tiny
+    from vpns_core.train import Trial
+    trial = Trial(tiny(method="bip", tune_epochs=0, mask_lr=0.1), tmp_path)
+    if scaler is not None:
+        trial.scaler = scaler  # the fp16 path's loss scaling, run on the CPU
+    return trial
+
+
+def test_bip_follows_fp16_loss_scaling(tmp_path):
+    """BiP takes its own gradients (autograd.grad), so it must scale the loss itself: with a
+    power-of-two scale the result equals the unscaled run; an overflow skips the iteration and
+    backs the scale off instead of writing inf into the weights."""
+    plain = _bip_trial(tmp_path / "plain", None)
+    plain.run()
+    scaled = _bip_trial(tmp_path / "scaled", torch.amp.GradScaler("cpu", init_scale=2.0 ** 10))
+    scaled.run()
+    for (name, a), (_, b) in zip(plain.net.layers, scaled.net.layers):
+        torch.testing.assert_close(a.weight, b.weight, rtol=1e-5, atol=1e-6)
+        assert torch.equal(a.weight_mask, b.weight_mask), name
+    overflow = _bip_trial(tmp_path / "overflow", torch.amp.GradScaler("cpu", init_scale=2.0 ** 10))
+    poisoned = []
+
+    def overflow_once(module, args, out):  # the first backward pass overflows, as fp16 can
+        if torch.is_grad_enabled() and not poisoned:
+            poisoned.append(True)
+            out.register_hook(lambda grad: grad * float("inf"))
+        return None
+    head = dict(overflow.model.named_modules())[overflow.head_name]
+    head.register_forward_hook(overflow_once)
+    overflow.run()
+    assert poisoned and overflow.scaler.get_scale() == 2.0 ** 9  # backed off once
+    for name, m in overflow.net.layers:
+        assert torch.isfinite(m.weight).all(), name
+    assert overflow.history[-1]["grad_steps"] == 7  # 4 iterations x 2 steps, one lower step skipped
