@@ -119,3 +119,40 @@ def test_bip_follows_fp16_loss_scaling(tmp_path):
     for name, m in overflow.net.layers:
         assert torch.isfinite(m.weight).all(), name
     assert overflow.history[-1]["grad_steps"] == 7  # 4 iterations x 2 steps, one lower step skipped
+
+
+def test_data_held_on_the_device_trains_exactly_as_the_loader(tmp_path):
+    """data_on_device (the default on CUDA for in-memory datasets) serves the same batches in
+    the same order as the DataLoader, resized in batches: a whole trial gives the same numbers."""
+    from test_train import TINY
+    from vpns_core.config import Config
+    from vpns_core.data import DeviceBatches
+    from vpns_core.train import Trial, run_trial
+    cfg = Config(**{**TINY, "method": "vpns", "mask_epochs": 1, "tune_epochs": 1, "test_every_epoch": True})
+    held = Trial(cfg.replace(data_on_device=True), tmp_path / "probe")
+    gen = lambda: torch.Generator().manual_seed(3)
+    device_batches = list(held._loader(held.data.train, train=True, generator=gen()))
+    assert isinstance(held._loader(held.data.train, train=True), DeviceBatches)
+    plain = Trial(cfg.replace(data_on_device=False), tmp_path / "probe2")
+    loader_batches = list(plain._loader(plain.data.train, train=True, generator=gen()))
+    assert len(device_batches) == len(loader_batches) > 1
+    for (a, ya), (b, yb) in zip(device_batches, loader_batches):
+        assert torch.equal(a, b) and torch.equal(ya, yb)
+    on = run_trial(cfg.replace(data_on_device=True), tmp_path / "on")
+    off = run_trial(cfg.replace(data_on_device=False), tmp_path / "off")
+    for a, b in zip(on.history, off.history):
+        assert a["train_loss"] == b["train_loss"] and a["test_acc"] == b["test_acc"]
+    assert on.final["selected_test_acc"] == off.final["selected_test_acc"]
+
+
+def test_cifar_is_held_as_one_tensor_not_per_image_pil(tmp_path):
+    import numpy as np
+    from vpns_core.data import TensorImages, _raw
+
+    class FakeCifar(torch.utils.data.Dataset):  # torchvision's CIFAR keeps .data and .targets
+        data = np.random.default_rng(0).integers(0, 255, (6, 32, 32, 3), dtype=np.uint8)
+        targets = [0, 1, 2, 0, 1, 2]
+        classes = ["a", "b", "c"]
+    raw = _raw([FakeCifar()])
+    assert isinstance(raw.source, TensorImages) and raw.source.images.shape == (6, 3, 32, 32)
+    assert torch.equal(raw.source.images[1].permute(1, 2, 0), torch.from_numpy(FakeCifar.data[1]))

@@ -88,6 +88,7 @@ class progress_bar:
         if event["elapsed"] > 0:
             self.bar.set_postfix_str(f"{event['images'] / event['elapsed']:.0f} images/s", refresh=False)
         if event["step"] >= event["steps"]:
+            self.bar.refresh()  # the finished count, also when it came within tqdm's mininterval
             self.close()
 
     def close(self) -> None:

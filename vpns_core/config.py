@@ -90,6 +90,9 @@ class Config:
     num_threads: int | None = None      # torch CPU threads (None = torch's default)
     channels_last: bool | None = None   # NHWC inputs; None: on CUDA, and on a CPU for models with
                                         # depthwise convolutions (Lite0 steps 2x faster there)
+    data_on_device: bool | None = None  # in-memory datasets (Fashion-MNIST, digits, CIFAR) held on
+                                        # the device at native size, resized/cropped/flipped there in
+                                        # batches; None: on CUDA when the copy fits (2 GiB a split)
     eval_batch_size: int = 256
     test_every_epoch: bool = False      # False: test only where read (end of mask finding, selected epochs)
     max_steps_per_epoch: int | None = None  # cap for smoke tests and quick sweeps
@@ -228,10 +231,11 @@ class Config:
         for name in ("weight_decay", "momentum", "bip_implicit_lr"):
             if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) >= 0):
                 fail(name, "must be a non-negative number")
+        optional = ("channels_last", "data_on_device")
         for name in ("download", "pretrained", "prune_first", "prune_head", "amp", "test_every_epoch",
-                     "channels_last"):
-            if not isinstance(getattr(self, name), bool) and not (name == "channels_last" and self.channels_last is None):
-                fail(name, "must be True or False" + (" or None" if name == "channels_last" else ""))
+                     *optional):
+            if not isinstance(getattr(self, name), bool) and not (name in optional and getattr(self, name) is None):
+                fail(name, "must be True or False" + (" or None" if name in optional else ""))
         if not (isinstance(self.sparsity, (int, float)) and 0.0 <= self.sparsity < 1.0):
             fail("sparsity", "must be in [0, 1)")
         if not (isinstance(self.lth_rate, (int, float)) and 0.0 < self.lth_rate < 1.0):

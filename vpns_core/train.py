@@ -33,7 +33,8 @@ from torch.utils.data import DataLoader, Subset
 from .checkpoint import (CheckpointError, atomic_save, load_scaler_state, rng_state, safe_load, seed_everything,
                          set_rng_state)
 from .config import Config
-from .data import DataSplits, build_data, random_crop_flip, stratified_sample
+from .data import (DataSplits, DeviceBatches, ResizedImages, build_data, device_copy_bytes, random_crop_flip,
+                   stratified_sample)
 from .label_mapping import LabelMap, frequency_label_mapping
 from .masking import MaskedNetwork, plain_state_dict
 from .methods import METHODS
@@ -71,6 +72,9 @@ class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite; the trial stops at once."""
 
 
+_DEVICE_COPY_BYTES = 2 * 2**30  # data_on_device=None: splits up to this size (stored) go to the GPU
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -98,6 +102,7 @@ class Trial:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._eval_loaders: dict[int, DataLoader] = {}  # persistent evaluation loaders (_loader)
+        self._device_splits: dict[int, DeviceBatches] = {}  # splits held on the device (_loader)
         self.reporter = reporter or (lambda metrics: None)
         self.progress = progress
         self.device = resolve_device(cfg.device)
@@ -189,8 +194,24 @@ class Trial:
 
     # --- data -------------------------------------------------------------------------------
 
+    def _on_device(self, dataset) -> bool:
+        """Whether ``dataset`` is served from a copy on the device (``cfg.data_on_device``)."""
+        size = device_copy_bytes(dataset) if isinstance(dataset, ResizedImages) else None
+        if size is None:
+            return False
+        if self.cfg.data_on_device is not None:
+            return self.cfg.data_on_device
+        return self.device.type == "cuda" and size <= _DEVICE_COPY_BYTES
+
     def _loader(self, dataset, train: bool, generator: torch.Generator | None = None) -> DataLoader:
         cfg = self.cfg
+        batch_size = cfg.batch_size if train else cfg.eval_batch_size
+        drop_last = train and len(dataset) >= cfg.batch_size
+        if self._on_device(dataset):
+            held = self._device_splits.get(id(dataset))
+            if held is None:
+                held = self._device_splits[id(dataset)] = DeviceBatches(dataset, self.device, batch_size)
+            return held.with_generator(generator, shuffle=train, drop_last=drop_last, batch_size=batch_size)
         workers = cfg.num_workers
         # Evaluation splits are read in a fixed order four times an epoch: keep their loaders and
         # worker processes (a new loader's workers take ~0.2 s to start; benchmarks/input_pipeline.py).
@@ -200,8 +221,7 @@ class Trial:
         if persistent and id(dataset) in self._eval_loaders:
             return self._eval_loaders[id(dataset)]
         loader = DataLoader(
-            dataset, batch_size=cfg.batch_size if train else cfg.eval_batch_size,
-            shuffle=train, drop_last=train and len(dataset) >= cfg.batch_size,
+            dataset, batch_size=batch_size, shuffle=train, drop_last=drop_last,
             generator=generator, num_workers=workers, pin_memory=self.device.type == "cuda",
             persistent_workers=persistent)
         if persistent:
