@@ -156,3 +156,35 @@ def test_cifar_is_held_as_one_tensor_not_per_image_pil(tmp_path):
     raw = _raw([FakeCifar()])
     assert isinstance(raw.source, TensorImages) and raw.source.images.shape == (6, 3, 32, 32)
     assert torch.equal(raw.source.images[1].permute(1, 2, 0), torch.from_numpy(FakeCifar.data[1]))
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (VPNS_TEST_CUDA=1)")
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_threshold_from_sort_equals_kthvalue_on_the_cpu():
+    from vpns_core.masking import kth_smallest_abs
+    torch.manual_seed(0)
+    scores = [torch.randn(3_000_000), torch.randn(64, 3, 7, 7).round(decimals=1)]
+    k = int(0.9 * sum(s.numel() for s in scores))
+    on_gpu = kth_smallest_abs([s.cuda() for s in scores], k)
+    assert on_gpu.device.type == "cuda" and on_gpu.item() == kth_smallest_abs(scores, k).item()
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_device_batches_match_the_loader(tmp_path):
+    from test_train import TINY
+    from vpns_core.config import Config
+    from vpns_core.data import DeviceBatches
+    from vpns_core.train import Trial
+    cfg = Config(**{**TINY, "device": "cuda"})
+    trial = Trial(cfg, tmp_path / "t")
+    loader = trial._loader(trial.data.train, train=True, generator=torch.Generator().manual_seed(1))
+    assert isinstance(loader, DeviceBatches)  # the default on CUDA
+    plain = Trial(cfg.replace(data_on_device=False), tmp_path / "p")
+    reference = plain._loader(plain.data.train, train=True, generator=torch.Generator().manual_seed(1))
+    for (x, y), (xr, yr) in zip(loader, reference):
+        assert x.is_cuda and torch.equal(y.cpu(), yr)
+        assert (x.cpu().int() - xr.int()).abs().max() <= 1  # GPU and CPU resize round alike
