@@ -100,11 +100,11 @@ def write_json(name: str, payload: dict[str, Any], out: str | None = None) -> Pa
 
 
 def amp_dtype(enabled: bool, device) -> "torch.dtype | None":
-    """The autocast dtype a benchmark's ``--amp`` stands for, the trial's own rule on CUDA (bf16
-    where supported, else fp16); bf16 on a CPU. None without ``--amp``."""
+    """The autocast dtype a benchmark's ``--amp`` stands for: the trial's own on CUDA
+    (:func:`vpns_core.train.amp_dtype`), bf16 on a CPU. None without ``--amp``."""
     import torch
+    from vpns_core.train import amp_dtype as trial_amp_dtype
     if not enabled:
         return None
-    if torch.device(device).type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16
+    device = torch.device(device)
+    return trial_amp_dtype(device) if device.type == "cuda" else torch.bfloat16

@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import torch
 import ray
+import torch
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.sample import Domain

@@ -479,30 +479,27 @@ def build_data(name: str, data_root: str | None, input_size: int, *, train_subse
     )
 
 
+def hold_on_device(split: ResizedImages, device: torch.device) -> tuple[Tensor, Tensor]:
+    """A split's images at their stored size and its labels, copied to ``device`` once, for
+    :class:`DeviceBatches`."""
+    return split.native().to(device), torch.from_numpy(split.labels.copy()).to(device)
+
+
 class DeviceBatches:
     """What a ``DataLoader`` over a :class:`ResizedImages` split yields (uint8 images
-    [B, 3, size, size], int64 labels), from a copy of the split held on ``device`` at its stored
-    size: each batch is gathered and resized there in one call, instead of image by image in
-    CPU workers (CIFAR at 32 px -> 252 px ran at about 3k images/s with 4 workers, below what
-    one GPU trains ResNet-18 at). Shuffling draws the same ``torch.randperm`` from the same
-    generator as the loader's ``RandomSampler``, so the order, the resume and the images equal
-    the loader's."""
+    [B, 3, size, size], int64 labels), from the split's copy on the device
+    (:func:`hold_on_device`): each batch is gathered and resized there in one call, instead of
+    image by image in CPU workers (CIFAR at 32 px -> 252 px ran at about 3k images/s with 4
+    workers, below what one GPU trains ResNet-18 at). Shuffling draws the same
+    ``torch.randperm`` from the same generator as the loader's ``RandomSampler``, so the order,
+    the resume and the images equal the loader's."""
 
-    def __init__(self, split: ResizedImages, device: torch.device, batch_size: int, *,
+    def __init__(self, held: tuple[Tensor, Tensor], size: int, batch_size: int, *,
                  shuffle: bool = False, drop_last: bool = False,
-                 generator: torch.Generator | None = None, images: Tensor | None = None) -> None:
-        self.size, self.batch_size = split.size, batch_size
+                 generator: torch.Generator | None = None) -> None:
+        self.images, self.labels = held
+        self.size, self.batch_size = size, batch_size
         self.shuffle, self.drop_last, self.generator = shuffle, drop_last, generator
-        self.images = images if images is not None else split.native().to(device)
-        self.labels = torch.from_numpy(split.labels.copy()).to(device)
-
-    def with_generator(self, generator: torch.Generator | None, shuffle: bool,
-                       drop_last: bool, batch_size: int) -> "DeviceBatches":
-        """The same device copy under another epoch's order (no second copy)."""
-        out = object.__new__(DeviceBatches)
-        out.__dict__.update(self.__dict__)
-        out.generator, out.shuffle, out.drop_last, out.batch_size = generator, shuffle, drop_last, batch_size
-        return out
 
     def __len__(self) -> int:
         n = len(self.labels)
@@ -530,12 +527,12 @@ class DeviceBatches:
             yield x.expand(-1, 3, -1, -1), self.labels.index_select(0, idx)
 
 
-def device_copy_bytes(split: ResizedImages) -> int | None:
-    """Bytes of a split's stored-size copy (None: not held in memory as one tensor)."""
-    src = split.raw.source
-    if not isinstance(split, ResizedImages) or not isinstance(src, TensorImages):
+def device_copy_bytes(split: Dataset) -> int | None:
+    """Bytes of a split's stored-size copy (None: not a :class:`ResizedImages` over one
+    in-memory tensor)."""
+    if not isinstance(split, ResizedImages) or not isinstance(split.raw.source, TensorImages):
         return None
-    return len(split.indices) * int(np.prod(src.images.shape[1:]))
+    return len(split.indices) * int(np.prod(split.raw.source.images.shape[1:]))
 
 
 # ---------------------------------------------------------------- augmentation

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Subset
 from .checkpoint import (CheckpointError, atomic_save, load_scaler_state, rng_state, safe_load, seed_everything,
                          set_rng_state)
 from .config import Config
-from .data import (DataSplits, DeviceBatches, ResizedImages, build_data, device_copy_bytes, random_crop_flip,
+from .data import (DataSplits, DeviceBatches, build_data, device_copy_bytes, hold_on_device, random_crop_flip,
                    stratified_sample)
 from .label_mapping import LabelMap, frequency_label_mapping
 from .masking import MaskedNetwork, plain_state_dict
@@ -75,6 +75,14 @@ class NonFiniteLossError(FloatingPointError):
 _DEVICE_COPY_BYTES = 2 * 2**30  # data_on_device=None: splits up to this size (stored) go to the GPU
 
 
+def amp_dtype(device: torch.device) -> torch.dtype | None:
+    """The mixed-precision dtype of a trial with ``amp=True``: bf16 where the GPU supports it,
+    else fp16 (with loss scaling); None on a CPU (full precision)."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -102,7 +110,7 @@ class Trial:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._eval_loaders: dict[int, DataLoader] = {}  # persistent evaluation loaders (_loader)
-        self._device_splits: dict[int, DeviceBatches] = {}  # splits held on the device (_loader)
+        self._device_splits: dict[int, tuple[Tensor, Tensor]] = {}  # splits held on the device (_loader)
         self.reporter = reporter or (lambda metrics: None)
         self.progress = progress
         self.device = resolve_device(cfg.device)
@@ -164,12 +172,9 @@ class Trial:
         self.removal_max_abs_diff: float | None = None
         self.mask_file_masks = self._load_mask_file() if cfg.mask_file else None
 
-        use_cuda = self.device.type == "cuda"
-        if use_cuda:  # fixed input shapes: let cuDNN pick the fastest kernels once
+        if self.device.type == "cuda":  # fixed input shapes: let cuDNN pick the fastest kernels once
             torch.backends.cudnn.benchmark = True
-        self.amp_dtype = None
-        if use_cuda and cfg.amp:
-            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.amp_dtype = amp_dtype(self.device) if cfg.amp else None
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.history: list[dict[str, Any]] = []
         self.completed: list[str] = []
@@ -196,7 +201,7 @@ class Trial:
 
     def _on_device(self, dataset) -> bool:
         """Whether ``dataset`` is served from a copy on the device (``cfg.data_on_device``)."""
-        size = device_copy_bytes(dataset) if isinstance(dataset, ResizedImages) else None
+        size = device_copy_bytes(dataset)
         if size is None:
             return False
         if self.cfg.data_on_device is not None:
@@ -208,10 +213,10 @@ class Trial:
         batch_size = cfg.batch_size if train else cfg.eval_batch_size
         drop_last = train and len(dataset) >= cfg.batch_size
         if self._on_device(dataset):
-            held = self._device_splits.get(id(dataset))
-            if held is None:
-                held = self._device_splits[id(dataset)] = DeviceBatches(dataset, self.device, batch_size)
-            return held.with_generator(generator, shuffle=train, drop_last=drop_last, batch_size=batch_size)
+            if id(dataset) not in self._device_splits:
+                self._device_splits[id(dataset)] = hold_on_device(dataset, self.device)
+            return DeviceBatches(self._device_splits[id(dataset)], dataset.size, batch_size,
+                                 shuffle=train, drop_last=drop_last, generator=generator)
         workers = cfg.num_workers
         # Evaluation splits are read in a fixed order four times an epoch: keep their loaders and
         # worker processes (a new loader's workers take ~0.2 s to start; benchmarks/input_pipeline.py).
