@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .plotting import (ACCURACY, ACCURACY_NOTE, Figure, context, draw, marker_note, metric_panels,
-                       noise_note, status_note)
+                       TUNED_STEMS, grouped_noise_notes, status_note)
 from .runs import Runs, aggregate
 from .sparsity_curves import METHOD_ORDER, STEMS, method_name
 
@@ -29,12 +29,8 @@ def build(runs: Runs) -> Figure:
 
     def label(row) -> str:
         return method_name(row["config.method"])
-    notes = []
-    for arch, group in table.groupby("architecture"):
-        for stem, what in (("test_prompt_pct", "with prompt"), ("test_noprompt_pct", "without prompt")):
-            note = noise_note(group, stem, label, f"{arch}, {what}")
-            if note:
-                notes.append(note)
+    notes = grouped_noise_notes(table, "architecture", label, TUNED_STEMS,
+                                lambda arch, what: f"{arch}, {what}")
     models = "; ".join(sorted({f"{architecture(r)} = {r['config.model']}, "
                                f"{'ImageNet-pretrained' if r['config.pretrained'] else 'random init'}"
                                for _, r in trials.iterrows()}))

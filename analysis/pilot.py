@@ -3,7 +3,7 @@ model ("zero-shot"), or a prompt learned while fine-tuning (``post_prompt``)."""
 from __future__ import annotations
 
 from .plotting import (ACCURACY, ACCURACY_NOTE, Figure, context, draw, marker_note, metric_panels,
-                       noise_note, status_note)
+                       grouped_noise_notes, status_note)
 from .runs import Runs, aggregate
 from .sparsity_curves import METHOD_ORDER, method_name
 
@@ -23,11 +23,8 @@ def build(runs: Runs) -> Figure:
 
     def label(row) -> str:
         return NAMES.get(row["config.post_prompt"], row["config.post_prompt"])
-    notes = []
-    for method, group in table.groupby("config.method"):
-        note = noise_note(group, "test_prompt_pct", label, f"{method_name(method)}, tested with prompt")
-        if note:
-            notes.append(note)
+    notes = grouped_noise_notes(table, "config.method", label, {"test_prompt_pct": "tested with prompt"},
+                                lambda method, what: f"{method_name(method)}, {what}")
     caption = [f"{context(runs, trials)}.",
                "Zero-shot: the pruned weights are frozen and only a prompt is learned (BatchNorm "
                "statistics still adapt); fine-tuning: the prompt is learned together with the "

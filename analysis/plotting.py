@@ -298,6 +298,18 @@ def noise_note(table: pd.DataFrame, stem: str, label: Callable[[dict], str], wha
     return text + "."
 
 
+def grouped_noise_notes(table: pd.DataFrame, by: str, label: Callable[[dict], str],
+                        stems: dict[str, str], name: Callable[[Any, str], str]) -> list[str]:
+    """:func:`noise_note` within each group of ``by`` (e.g. per architecture), for each
+    ``stem -> what`` of ``stems``; ``name(group key, what)`` heads each sentence."""
+    return [note for key, group in table.groupby(by) for stem, what in stems.items()
+            if (note := noise_note(group, stem, label, name(key, what)))]
+
+
+#: the two accuracies after weight tuning, as ``grouped_noise_notes`` takes them
+TUNED_STEMS = {"test_prompt_pct": "with prompt", "test_noprompt_pct": "without prompt"}
+
+
 def status_note(table: pd.DataFrame, label: Callable[[dict], str]) -> str:
     """Which points lack seeds and why (failed, stopped early, missing)."""
     rows = table.to_dict("records")

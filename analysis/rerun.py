@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from vpns_core.stats import mean_std
+
 from .runs import read_parquet
 
 METRICS = ("selected_test_acc", "selected_test_acc_prompt", "selected_test_acc_noprompt")
@@ -52,10 +54,9 @@ def compare(first: pd.DataFrame, rerun: pd.DataFrame, metric: str = "selected_te
         vb = done[1].loc[done[1]["_point"] == p, "_value"].tolist()
         if not va or not vb:
             continue
-        mean_a, mean_b = statistics.mean(va), statistics.mean(vb)
-        std_a = statistics.stdev(va) if len(va) > 1 else math.nan
+        (mean_a, std_a, _), (mean_b, std_b, _) = mean_std(va), mean_std(vb)
         points.append({"point": p, "first_mean": mean_a, "first_std": std_a, "rerun_mean": mean_b,
-                       "rerun_std": statistics.stdev(vb) if len(vb) > 1 else math.nan,
+                       "rerun_std": std_b,
                        "within": not math.isnan(std_a) and abs(mean_b - mean_a) <= std_a})
     diffs = [abs(x["diff"]) for x in pairs]
     return {"pairs": pairs, "points": points, "max_diff": max(diffs, default=math.nan),

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 import pandas as pd
 
 from vpns_core.config import Config
+from vpns_core.stats import mean_std, pick
 
 PROJECT = Path(__file__).resolve().parents[1]
 #: metrics of a trial's final report that the export keeps as plain columns
@@ -222,8 +222,9 @@ def aggregate(trials: pd.DataFrame, by: list[str], metrics: dict[str, tuple[str,
     ``metrics`` maps an output name to ``(column, factor)`` (e.g. ``"test_prompt_pct":
     ("selected_test_acc_prompt", 100)``); the result has ``<name>_mean``, ``<name>_std`` (sample
     std, NaN below two seeds) and ``<name>_n``. Per point and seed, the finished trial with the
-    best ``select`` (validation) accuracy counts (one trial per cell under a grid; an Optuna
-    search over learning rates may leave several). Every point is expected at every seed of
+    best ``select`` (validation) accuracy counts, ties broken by :func:`vpns_core.stats.selection_key`
+    (one trial per cell under a grid; an Optuna search over learning rates may leave several).
+    Every point is expected at every seed of
     ``seeds`` (default: all seeds in ``trials``); columns ``ok``/``failed``/``stopped``/``missing``
     count the seeds in each state, ``seeds`` the expected count, ``trials`` the rows and
     ``failed_trials`` the failed ones among them (a failed trial at a seed that also finished
@@ -245,8 +246,8 @@ def aggregate(trials: pd.DataFrame, by: list[str], metrics: dict[str, tuple[str,
             ok = cell[cell["_state"] == "ok"]
             if len(ok):
                 counts["ok"] += 1
-                best = ok.loc[ok[select].astype(float).idxmax()] \
-                    if select in ok and ok[select].notna().any() else ok.iloc[0]
+                best = pick([row for _, row in ok.iterrows()], lambda r: r.get(select),
+                            lambda r: r.get("selected_epoch"), lambda r: r.get("trial_id"))
                 for name, (column, factor) in metrics.items():
                     value = best.get(column)
                     if value is not None and not pd.isna(value):
@@ -260,13 +261,7 @@ def aggregate(trials: pd.DataFrame, by: list[str], metrics: dict[str, tuple[str,
         row = {**dict(zip(by, point)), "seeds": len(seeds), "trials": len(group), **counts,
                "failed_trials": int((group["_state"] == "failed").sum())}
         for name, vals in values.items():
-            row.update(mean_std(name, vals))
+            mean, std, n = mean_std(vals)
+            row.update({f"{name}_mean": mean, f"{name}_std": std, f"{name}_n": n})
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def mean_std(name: str, values: list[float]) -> dict[str, float]:
-    n = len(values)
-    mean = sum(values) / n if n else math.nan
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else math.nan
-    return {f"{name}_mean": mean, f"{name}_std": std, f"{name}_n": n}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from .plotting import (ACCURACY, ACCURACY_NOTE, DATASET_NAMES, Figure, context, draw, marker_note,
-                       fmt, metric_panels, noise_note, ordered, status_note)
+                       TUNED_STEMS, fmt, grouped_noise_notes, metric_panels, ordered, status_note)
 from .runs import Runs, aggregate
 from .sparsity_curves import METHOD_ORDER, method_name
 
@@ -41,12 +41,7 @@ def build(runs: Runs) -> Figure:
 
     def label(row) -> str:
         return method_name(row["config.method"])
-    notes = []
-    for pair, group in table.groupby("transfer"):
-        for stem, what in (("test_prompt_pct", "with prompt"), ("test_noprompt_pct", "without prompt")):
-            note = noise_note(group, stem, label, f"{pair}, {what}")
-            if note:
-                notes.append(note)
+    notes = grouped_noise_notes(table, "transfer", label, TUNED_STEMS, lambda pair, what: f"{pair}, {what}")
     source_text = "not in these runs"
     if len(source):
         src = aggregate(source, ["config.dataset", "config.method"], ACCURACY, seeds=seeds)

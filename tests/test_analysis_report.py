@@ -120,3 +120,29 @@ def test_report_embeds_figures_and_prompts_and_renders_in_a_headless_browser(log
     assert pixels.shape[:2] == (2000, 1280)
     coloured = (pixels.max(axis=2) - pixels.min(axis=2)) > 0.2  # the plot lines, not grey text
     assert coloured.mean() > 0.002
+
+
+def test_ties_on_validation_pick_the_same_trial_from_mlflow_and_from_parquet(tmp_path):
+    """Two trials of one point and seed with equal validation accuracy: the later selected epoch
+    wins, then the smaller trial id, whichever order a source lists them in (the CSVs of the two
+    sources are byte-identical)."""
+    rows = pad_rows()
+    tie = lambda test, epoch, trial_id: {**rows[3], "trial_id": trial_id, "selected_test_acc_prompt": test,
+                                         "selected_epoch": epoch}
+    # pad 8, seed 7 (val 0.70): the later epoch wins although it is listed last and has the larger id
+    rows[3] = tie(0.70, 3, "t9001")
+    rows.append(tie(0.10, 4, "t9002"))
+    # pad 16, seed 7 (val 0.80): same epoch, so the smaller trial id wins although listed last
+    rows[6] = {**rows[6], "trial_id": "t9004", "selected_epoch": 4}
+    rows.append({**rows[6], "trial_id": "t9003", "selected_test_acc_prompt": 0.20})
+    log_sweep(f"sqlite:///{tmp_path}/mlflow.db", rows, tmp_path)
+    trials, _ = write_parquet(rows, tmp_path / "sweep")
+    common = ["pad_size", "--no-log", "--out"]
+    assert cli.main([*common, str(tmp_path / "p"), "--trials", str(trials)]) == 0
+    assert cli.main([*common, str(tmp_path / "m"), "--experiment", "ablation_pad",
+                     "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]) == 0
+    csv = (tmp_path / "p" / "pad_size.csv").read_bytes()
+    assert csv == (tmp_path / "m" / "pad_size.csv").read_bytes()
+    table = pd.read_csv(tmp_path / "p" / "pad_size.csv")
+    assert table.loc[table["pad_px"] == 8, "test_prompt_pct_mean"].item() == pytest.approx((10.0 + 72.0) / 2)
+    assert table.loc[table["pad_px"] == 16, "test_prompt_pct_mean"].item() == pytest.approx(20.0)
