@@ -3,7 +3,7 @@ sparsity, per method (VPNs at channel level, Network Slimming, DepGraph).
 
 ``sweeps/structured.py`` (phase ``pruned``: channel methods × channel sparsity; phase ``dense``:
 the reference line). Each channel trial reports, as final metrics, its measurements against the
-dense model (:func:`vpns_core.structured.compare`); this figure reads the columns below (the
+dense model (:func:`vpns_core.channel_pruning.compare`); this figure reads the columns below (the
 first one present of each list); the accuracies are the usual ones.
 """
 from __future__ import annotations
