@@ -41,6 +41,7 @@ from .methods import METHODS
 from .models import (SourceModel, build_model, first_layer, head_layer, prefers_channels_last, replace_head,
                      set_bn_momentum)
 from .prompts import Prompt, build_prompt
+from .resources import check_resources
 
 if TYPE_CHECKING:  # pragma: no cover
     from .channel_pruning import ChannelPruner
@@ -105,7 +106,7 @@ class Trial:
 
     def __init__(self, cfg: Config, workdir: str | Path, reporter: Reporter | None = None,
                  resume: bool = True, progress: Progress | None = None) -> None:
-        cfg.check_resources()  # clear errors about data/weights before any compute
+        check_resources(cfg)  # clear errors about device, files, data, weights before any compute
         ckpt = Path(workdir) / CHECKPOINT  # a corrupt checkpoint is refused before any compute too
         saved = safe_load(ckpt, map_location="cpu") if resume and ckpt.exists() else None
         self.cfg = cfg

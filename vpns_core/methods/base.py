@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ..errors import ConfigError
 from ..registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -61,7 +62,6 @@ class Method:
 
     def validate(self, cfg: "Config") -> None:
         """Method-specific config checks; raise ``ConfigError`` naming the field."""
-        from ..config import ConfigError
         if cfg.post_prompt != "none":
             if self.uses_prompt or not self.prunes:
                 raise ConfigError(f"post_prompt: only for pruners without their own prompt "

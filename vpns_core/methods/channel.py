@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ..channel_pruning import ChannelPruner, architecture, compare, count_parameters, tp
+from ..errors import ConfigError
 from ..models import build_model, builder_spec, replace_head
 from .base import Method, register
 
@@ -61,7 +62,6 @@ class ChannelMethod(Method):
 
     def validate(self, cfg: "Config") -> None:
         super().validate(cfg)
-        from ..config import ConfigError
         if cfg.sparsity > MAX_CHANNEL_SPARSITY:
             raise ConfigError(f"sparsity: channel methods remove at most {MAX_CHANNEL_SPARSITY:g} of "
                               f"the channels (got {cfg.sparsity!r})")
