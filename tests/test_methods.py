@@ -98,6 +98,14 @@ def test_every_method_hits_target_sparsity_and_reports_costs(method, tmp_path):
     assert result.final["selected_epoch"] >= 1
 
 
+def test_every_method_has_its_own_label_and_plot_order():
+    labels = [METHODS.get(n).label for n in METHODS]
+    orders = [METHODS.get(n).plot_order for n in METHODS]
+    assert len(set(labels)) == len(labels) and len(set(orders)) == len(orders) and "base" not in labels
+    assert METHODS.get("vpns_omp").label == "VPNs w. OMP"
+    assert orders.index(min(orders)) == list(METHODS).index("vpns_structured")
+
+
 def test_prompt_only_where_the_method_uses_it():
     for name in METHODS.names():
         cfg = tiny(method=name)

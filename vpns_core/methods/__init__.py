@@ -10,6 +10,8 @@ Each module holds one method (and its "VPNs w. X" variant where the paper has on
 - ``bip``: bi-level pruning
 - ``channel``: channel pruning — ``vpns_structured``, ``slim`` (Network Slimming), ``depgraph``
   (the mechanism they share is :mod:`vpns_core.channel_pruning`)
+
+Each registered method carries its display ``label`` and ``plot_order``, which figures read.
 """
 from .base import METHODS, POST_PROMPTS, Method, PruneThenTrain, register, with_prompt
 from . import bip, channel, dense, grasp, lottery, magnitude, random_mask, score, snip, synflow  # noqa: F401  (registers)

@@ -8,7 +8,8 @@ calls the trial's stages (``trial.run_stage`` / ``trial.run_tune_stage``) and un
 The trial also calls a few hooks at fixed points of its loop (``setup``, ``sparsity_report``,
 ``checkpoint_state`` / ``restore``, ``export_entries``, ``final_metrics``); their defaults serve
 the weight methods (masks in :class:`vpns_core.masking.MaskedNetwork`), and the channel methods
-(:mod:`vpns_core.methods.channel`) override them.
+(:mod:`vpns_core.methods.channel`) override them. ``label`` and ``plot_order`` are how figures
+name and order the method.
 """
 from __future__ import annotations
 
@@ -41,6 +42,10 @@ class Method:
     """
 
     name = "base"
+    #: the method's name in figures and tables
+    label = "base"
+    #: its place in figure legends and tables (smaller first)
+    plot_order = 100
     #: whether the method removes weights (False for ``dense``)
     prunes = True
     #: whether the method's own pipeline trains the visual prompt (per ``cfg.vp_stages``)
@@ -144,6 +149,7 @@ def with_prompt(cls: type[Method]) -> type[Method]:
     round and the fine-tuning for LTH). Registered by the caller."""
     return type(f"VPNsWith{cls.__name__}", (cls,), {
         "name": f"vpns_{cls.name}", "uses_prompt": True,
+        "label": f"VPNs w. {cls.label}", "plot_order": cls.plot_order + 10,
         "__doc__": f"VPNs w. {cls.name}: {cls.name} with the visual prompt co-trained "
                    f"(``cfg.vp_stages``).\n\n" + (cls.__doc__ or ""),
         "__module__": cls.__module__,

@@ -153,6 +153,8 @@ class Slim(ChannelMethod):
     dependency group), removed, fine-tuned."""
 
     name = "slim"
+    label = "Network Slimming"
+    plot_order = 1
     sparse_training = True
 
     def importance(self, channels: ChannelPruner) -> Any:
@@ -171,6 +173,8 @@ class DepGraph(ChannelMethod):
     coupled to them in the group, removed, fine-tuned."""
 
     name = "depgraph"
+    label = "DepGraph"
+    plot_order = 2
     sparse_training = True
 
     def importance(self, channels: ChannelPruner) -> Any:
@@ -192,6 +196,8 @@ class VPNsStructured(ChannelMethod):
     with the prompt before the scores. Scores start at the DepGraph group magnitude."""
 
     name = "vpns_structured"
+    label = "VPNs (channels)"
+    plot_order = 0
     uses_prompt = True
 
     def importance(self, channels: ChannelPruner) -> Any:
