@@ -4,23 +4,22 @@ from __future__ import annotations
 
 import pandas as pd
 
+from vpns_core.methods import METHODS
+
 from .plotting import (ACCURACY, ACCURACY_NOTE, DATASET_NAMES, Figure, context, draw, marker_note,
                        fmt, metric_panels, noise_note, status_note)
 from .runs import Runs, aggregate
 
 NAME = "sparsity_curves"
 TITLE = "Accuracy against sparsity per method"
-METHOD_ORDER = ("vpns", "hydra", "bip", "random", "omp", "lth", "snip", "grasp", "synflow",
-                "vpns_random", "vpns_omp", "vpns_lth", "dense")
-METHOD_NAMES = {"vpns": "VPNs", "hydra": "HYDRA", "bip": "BiP", "random": "Random", "omp": "OMP",
-                "lth": "LTH", "snip": "SNIP", "grasp": "GraSP", "synflow": "SynFlow",
-                "vpns_random": "VPNs w. Random", "vpns_omp": "VPNs w. OMP",
-                "vpns_lth": "VPNs w. LTH", "dense": "dense"}
+#: every registered method, in the order of its registration's ``plot_order``
+METHOD_ORDER = tuple(sorted(METHODS, key=lambda name: METHODS.get(name).plot_order))
 STEMS = ("test_prompt_pct", "test_noprompt_pct", "mask_prompt_pct", "mask_noprompt_pct")
 
 
 def method_name(method: str) -> str:
-    return METHOD_NAMES.get(method, method)
+    """The method's registered ``label`` (the name itself for a method no longer registered)."""
+    return METHODS.get(method).label if method in METHODS else method
 
 
 def applicable(runs: Runs) -> bool:

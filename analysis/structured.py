@@ -3,7 +3,7 @@ sparsity, per method (VPNs at channel level, Network Slimming, DepGraph).
 
 ``sweeps/structured.py`` (phase ``pruned``: channel methods × channel sparsity; phase ``dense``:
 the reference line). Each channel trial reports, as final metrics, its measurements against the
-dense model (:func:`vpns_core.structured.compare`); this figure reads the columns below (the
+dense model (:func:`vpns_core.channel_pruning.compare`); this figure reads the columns below (the
 first one present of each list); the accuracies are the usual ones.
 """
 from __future__ import annotations
@@ -11,11 +11,8 @@ from __future__ import annotations
 from .plotting import (ACCURACY, ACCURACY_NOTE, Figure, Line, Panel, context, draw,
                        has, marker_note, status_note)
 from .runs import Runs, aggregate
-from .sparsity_curves import METHOD_NAMES, METHOD_ORDER, dense_refs, split
+from .sparsity_curves import METHOD_ORDER, dense_refs, method_name, split
 
-CHANNEL_ORDER = ("vpns_structured", "slim", "depgraph", *METHOD_ORDER)
-CHANNEL_NAMES = {**METHOD_NAMES, "vpns_structured": "VPNs (channels)", "slim": "Network Slimming",
-                 "depgraph": "DepGraph"}
 NAME = "structured"
 TITLE = "Structured (channel) pruning"
 COLUMNS = {"speedup": ("speedup", "last.speedup", "last.inference_speedup"),
@@ -36,10 +33,6 @@ def applicable(runs: Runs) -> bool:
     return _column(runs, "speedup") is not None
 
 
-def method_name(method: str) -> str:
-    return CHANNEL_NAMES.get(method, method)
-
-
 def build(runs: Runs) -> Figure:
     trials, dense = split(runs)
     metrics = {**{k: v for k, v in ACCURACY.items() if k.startswith("test_")},
@@ -56,6 +49,6 @@ def build(runs: Runs) -> Figure:
     panels = [p for p in PANELS if has(table, p.lines[0].stem)]
     fig = draw(table, x="sparsity_pct", panels=panels, xlabel="channel sparsity (%)",
                title=f"{TITLE}\n{context(runs, trials, sparsity=False)}", caption=caption,
-               series="config.method", series_order=CHANNEL_ORDER, series_label=method_name,
+               series="config.method", series_order=METHOD_ORDER, series_label=method_name,
                tick_label=lambda v: f"{v:g}", refs=refs)
     return Figure(NAME, TITLE, fig, table, caption)

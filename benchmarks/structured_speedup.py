@@ -2,7 +2,7 @@
 
 For each architecture and channel sparsity, the model's channels are removed by torch-pruning
 (DepGraph importance at the initial weights: the timing depends only on the shapes, which every
-channel method shares at a given sparsity) and :func:`vpns_core.structured.compare` measures the
+channel method shares at a given sparsity) and :func:`vpns_core.channel_pruning.compare` measures the
 dense and the pruned model one after the other: parameters, FLOPs per image, latency and
 throughput at batch 1 and ``--batch``, peak inference memory, training step time and memory.
 Printed as ratios (pruned ÷ dense; speed-up = dense ÷ pruned time).
@@ -25,7 +25,7 @@ except ModuleNotFoundError:  # run as a script
     from common import amp_dtype, print_table, write_json
 
 from vpns_core.models import build_model, head_layer
-from vpns_core.structured import ChannelPruner, compare
+from vpns_core.channel_pruning import ChannelPruner, compare
 
 
 def pruned_copy(name: str, size: int, sparsity: float, device: torch.device):

@@ -28,8 +28,6 @@ from vpns_core.registry import UnknownNameError
     ({"train_subset": 2.5}, "train_subset", "integer"),
     ({"bn_momentum": 2.0}, "bn_momentum", "(0, 1]"),
     ({"val_fraction": 1.0}, "val_fraction", "[0, 1)"),
-    ({"mask_file": "/nonexistent/masks.pt"}, "mask_file", "not found"),
-    ({"source_checkpoint": "/nonexistent/model.pt"}, "source_checkpoint", "not found"),
     ({"prompt": "pad", "pad_size": 0}, "pad_size", "none"),
     ({"post_prompt": "later"}, "post_prompt", "zero_shot"),
     ({"method": "omp", "post_prompt": "zero_shot", "prompt": "none"}, "post_prompt", "prompt"),
@@ -86,6 +84,28 @@ def test_missing_data_and_weights_fail_before_compute(tmp_path, monkeypatch):
     with pytest.raises(WeightsUnavailableError, match="TORCH_HOME"):
         Config(model="resnet18").check_resources()
     Config(model="resnet18", pretrained=False).check_resources()  # fine without weights
+
+
+@pytest.mark.parametrize("changes,field,hint", [
+    ({"mask_file": "/nonexistent/masks.pt"}, "mask_file", "not found"),
+    ({"source_checkpoint": "/nonexistent/model.pt"}, "source_checkpoint", "not found"),
+])
+def test_missing_files_fail_where_the_trial_starts_not_in_the_config(changes, field, hint):
+    from vpns_core.resources import check_resources
+    cfg = Config(**changes)  # a driver may build the config of a trial that runs elsewhere
+    with pytest.raises(ConfigError) as err:
+        check_resources(cfg)
+    assert str(err.value).startswith(f"{field}:") and hint in str(err.value)
+
+
+def test_cuda_is_checked_where_the_trial_starts(monkeypatch):
+    import torch
+    from vpns_core.resources import check_resources
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = Config(device="cuda", model="tiny_resnet", pretrained=False)  # fine on a CPU-only driver
+    check_resources(cfg, device=False)  # the driver's check of a trial that runs on a GPU node
+    with pytest.raises(ConfigError, match="^device: CUDA is not available"):
+        check_resources(cfg)
 
 
 def test_unknown_name_error_is_a_value_error():

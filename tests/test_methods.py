@@ -9,6 +9,7 @@ from torch import nn
 
 from vpns_core.checkpoint import safe_load
 from vpns_core.config import Config, ConfigError
+from vpns_core.channel_pruning import count_parameters
 from vpns_core.masking import MaskedNetwork
 from vpns_core.methods import METHODS
 from vpns_core.methods.bip import upper_level_gradient
@@ -16,6 +17,7 @@ from vpns_core.methods.grasp import grasp_scores
 from vpns_core.methods.lottery import lth_rounds, round_sparsity
 from vpns_core.methods.snip import snip_scores
 from vpns_core.methods.synflow import synflow_scores
+from vpns_core.models import build_model, first_layer, head_layer
 from vpns_core.train import Trial, run_trial
 
 TINY = dict(model="tiny_resnet", pretrained=False, dataset="fashion_mnist", train_subset=128,
@@ -38,6 +40,27 @@ def fake_trial(net, seed=7):
     return SimpleNamespace(cfg=SimpleNamespace(seed=seed), net=net)
 
 
+def channel_pruned_params(dense: nn.Module, sparsity: float) -> int:
+    """Parameters of ``dense`` once ``sparsity`` of every group's channels is removed: each
+    channel dimension keeps ``int(n (1 - s))`` (torch-pruning's count) except the image's input
+    channels and the classes."""
+    def kept(n: int) -> int:
+        return int(n * (1 - sparsity))
+    first, head = first_layer(dense)[0], head_layer(dense)[0]
+    total = 0
+    for name, m in dense.named_modules():
+        if isinstance(m, nn.Conv2d):
+            cin = m.in_channels if name == first else kept(m.in_channels)
+            total += kept(m.out_channels) * cin // m.groups * math.prod(m.kernel_size)
+            total += kept(m.out_channels) if m.bias is not None else 0
+        elif isinstance(m, nn.BatchNorm2d):
+            total += 2 * kept(m.num_features)
+        elif isinstance(m, nn.Linear):
+            assert name == head  # tiny_resnet: the classifier is the only linear layer
+            total += m.out_features * kept(m.in_features) + m.out_features
+    return total
+
+
 # --- every method ---------------------------------------------------------------------------
 
 
@@ -45,10 +68,25 @@ def fake_trial(net, seed=7):
 def test_every_method_hits_target_sparsity_and_reports_costs(method, tmp_path):
     cfg = tiny(method=method, lth_rate=0.6, max_steps_per_epoch=2)
     seen = []
-    result = run_trial(cfg, tmp_path, reporter=seen.append)
+    trial = Trial(cfg, tmp_path, reporter=seen.append)
+    result = trial.run()
     assert [m["stage"] for m in seen] == [n for n, e in cfg.stage_plan for _ in range(e)]
     masks = safe_load(tmp_path / "masks.pt")["masks"]
-    if METHODS.get(method).prunes:  # realised sparsity is exactly the target (global top-k)
+    if METHODS.get(method).structured:  # channels removed: every conv narrower, parameters as planned
+        assert masks == {}
+        dense = build_model(cfg.model, pretrained=False).module
+        widths = {n: m.out_channels for n, m in trial.model.named_modules() if isinstance(m, nn.Conv2d)}
+        dense_widths = {n: m.out_channels for n, m in dense.named_modules() if isinstance(m, nn.Conv2d)}
+        assert widths == {n: int(w * (1 - 0.8)) for n, w in dense_widths.items()}
+        pruned = count_parameters(trial.model)
+        assert pruned == channel_pruned_params(dense, 0.8)
+        assert result.final["pruned_params"] == pruned and result.final["dense_params"] == count_parameters(dense)
+        # a conv loses 80% of its input and output channels (~1 - 0.2² of its weights); the head
+        # keeps its 1000 classes: the parameters drop by more than the channel sparsity
+        assert pruned < (1 - 0.8) * count_parameters(dense)
+        assert seen[-1]["sparsity_all_layers"] == pytest.approx(1 - pruned / count_parameters(dense))
+        assert seen[-1]["sparsity"] == pytest.approx(0.8, abs=1 / 16)
+    elif METHODS.get(method).prunes:  # realised sparsity is exactly the target (global top-k)
         total = sum(m.numel() for m in masks.values())
         assert sum(int(m.sum()) for m in masks.values()) == total - round(0.8 * total)
     for key in ("wall_time_s", "grad_steps", "forward_passes", "backward_passes", "epoch"):
@@ -58,6 +96,14 @@ def test_every_method_hits_target_sparsity_and_reports_costs(method, tmp_path):
     if method.endswith("lth"):
         assert [m["round"] for m in seen] == [0, 1, 2]
     assert result.final["selected_epoch"] >= 1
+
+
+def test_every_method_has_its_own_label_and_plot_order():
+    labels = [METHODS.get(n).label for n in METHODS]
+    orders = [METHODS.get(n).plot_order for n in METHODS]
+    assert len(set(labels)) == len(labels) and len(set(orders)) == len(orders) and "base" not in labels
+    assert METHODS.get("vpns_omp").label == "VPNs w. OMP"
+    assert orders.index(min(orders)) == list(METHODS).index("vpns_structured")
 
 
 def test_prompt_only_where_the_method_uses_it():

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from vpns_core.config import Config, ConfigError
+from vpns_core.methods import METHODS
 from vpns_core.models import build_model, head_layer
-from vpns_core.structured import ChannelPruner, _PeakMemory, architecture, compare, count_parameters, measure
+from vpns_core.channel_pruning import ChannelPruner, _PeakMemory, architecture, compare, count_parameters, measure
 from vpns_core.train import Trial, run_trial
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,7 +19,7 @@ TINY = dict(model="tiny_resnet", pretrained=False, dataset="fashion_mnist", trai
             test_subset=64, val_fraction=0.25, input_size=24, output_size=32, pad_size=4,
             batch_size=32, eval_batch_size=64, mask_epochs=1, tune_epochs=1, sparsity=0.5,
             label_mapping_samples=64, mask_lr=0.05, tune_lr=0.05, num_threads=1, measure_repeats=1)
-CHANNEL_METHODS = ("vpns_structured", "slim", "depgraph")
+CHANNEL_METHODS = tuple(n for n in METHODS.names() if METHODS.get(n).structured)
 
 
 def tiny(**changes):
@@ -45,13 +46,13 @@ def pruner(name, method, sparsity, size=32, allocation="layerwise"):
 
 
 @pytest.mark.parametrize("name,size", [("tiny_resnet", 32), ("resnet18", 32), ("efficientnet_lite0", 64)])
-@pytest.mark.parametrize("method", ["vpns", "slim", "depgraph"])
+@pytest.mark.parametrize("method", CHANNEL_METHODS)
 def test_removing_channels_keeps_the_gated_outputs(name, size, method):
     model, cp = pruner(name, method, 0.5, size)
     x = torch.randn(3, 3, size, size)
     with torch.no_grad():
         dense = model(x)
-    if method == "vpns":
+    if method == "vpns_structured":
         cp.attach_scores()
         with torch.no_grad():  # scores unlike the magnitude init, so the plan is not a magnitude one
             for s in cp.scores.values():
@@ -84,6 +85,23 @@ def test_realised_channel_sparsity_matches_the_target(sparsity):
     assert convs["conv1"] == 16 - len(plan["conv1"])
 
 
+def test_each_channel_method_builds_its_own_pruner():
+    kinds = {"vpns_structured": "BasePruner", "slim": "BNScalePruner", "depgraph": "GroupNormPruner"}
+    assert set(CHANNEL_METHODS) == set(kinds)
+    for method in CHANNEL_METHODS:
+        _, cp = pruner("tiny_resnet", method, 0.5)
+        assert cp.method is METHODS.get(method) and type(cp.pruner).__name__ == kinds[method]
+    with pytest.raises(ValueError, match="^method: 'omp' is not a channel method; choose from depgraph"):
+        pruner("tiny_resnet", "omp", 0.5)
+
+
+def test_importing_the_methods_does_not_import_torch_pruning():
+    code = ("import sys; import vpns_core, vpns_core.methods, vpns_core.channel_pruning; "
+            "assert 'torch_pruning' not in sys.modules, 'imported'; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "ok", out.stderr
+
+
 def test_global_allocation_ranks_all_groups_together():
     _, cp = pruner("tiny_resnet", "depgraph", 0.5, allocation="global")
     plan = cp.plan()
@@ -100,7 +118,7 @@ def test_channel_gate_gradient_is_straight_through_abs():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
     model(torch.zeros(1, 3, 6, 6))
     model = random_bn(model)
-    cp = ChannelPruner(model, torch.zeros(1, 3, 6, 6), 0.5, method="vpns", ignored=(model[4],))
+    cp = ChannelPruner(model, torch.zeros(1, 3, 6, 6), 0.5, method="vpns_structured", ignored=(model[4],))
     (s,) = cp.attach_scores()
     with torch.no_grad():
         s.copy_(torch.tensor([0.3, -0.1, -0.4, 0.2]))  # drop channels 1 and 3 (smallest |s|)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError
+from .resources import check_resources
 
 
 def _parse_bool(text: str) -> bool:
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
         cfg = config_from_args(ns)
-        cfg.check_resources()
+        check_resources(cfg)
     except (ConfigError, FileNotFoundError, ValueError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -3,23 +3,26 @@
 ``Config(**values)`` or ``Config.from_dict(tune_config)`` raise :class:`ConfigError` naming the
 field and the allowed values for anything wrong, before any data or model is touched. Unknown keys
 fail. Derived values (prompt size at equal tunable count, effective VP stages) are properties.
+
+Only values are checked here, so that a sweep driver can build the configs of trials that will run
+on other machines; whether this machine has the trial's device, files, data and weights is
+:func:`vpns_core.resources.check_resources`, called where a trial starts.
 """
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["Config", "ConfigError"]
 
 VP_STAGES = ("both", "mask", "tune", "none")
 SCHEDULES = ("paper", "reference")
 HEADS = ("flm", "ilm", "linear")
 DEVICES = ("auto", "cpu", "cuda")
 ALLOWED_INPUT_SIZES_PAPER = (32, 64, 96, 128, 160, 192, 224)
-
-
-class ConfigError(ValueError):
-    """A config value is invalid; the message starts with the field name."""
 
 
 @dataclass(frozen=True)
@@ -271,26 +274,12 @@ class Config:
             fail("prompt_size", "needed for fix/random prompts when pad_size is 0")
         if self.prompt == "pad" and self.pad_size == 0 and self.effective_vp_stages != "none":
             fail("pad_size", "a pad prompt needs pad_size >= 1 (use prompt='none' for no prompt)")
-        if self.device == "cuda":
-            import torch
-            if not torch.cuda.is_available():
-                fail("device", "CUDA is not available on this machine; use 'auto' or 'cpu'")
-        if self.mask_file is not None and not os.path.isfile(self.mask_file):
-            fail("mask_file", "file not found")
-        if self.source_checkpoint is not None and not os.path.isfile(self.source_checkpoint):
-            fail("source_checkpoint", "file not found")
         if not isinstance(self.tags, dict):
             fail("tags", "must be a dict of strings")
         METHODS.get(self.method).validate(self)
 
     def check_resources(self) -> None:
-        """Check that data and weights are reachable (fast, no compute); raises with a fix."""
-        from .data import check_available
-        from .models import check_model
-        check_available(self.dataset, self.data_root, self.download)
-        check_model(self.model, self.pretrained and self.source_checkpoint is None,
-                    self.source_checkpoint, allow_download=self.download)
-        from .checkpoint import check_readable
-        for name in ("mask_file", "source_checkpoint"):  # corrupt or pickled objects: refused here
-            if getattr(self, name) is not None:
-                check_readable(getattr(self, name), name)
+        """:func:`vpns_core.resources.check_resources` of this config (its device, files, data and
+        weights on this machine)."""
+        from .resources import check_resources
+        check_resources(self)

@@ -30,7 +30,6 @@ from torch.autograd.graph import increment_version
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 ALLOCATIONS = ("global", "layerwise", "erk")
-MODES = ("dense", "score", "fixed")
 
 
 class _MaskedWeight(torch.autograd.Function):
@@ -560,15 +559,6 @@ def _select(tensors: list[Tensor], k: int, on_chunk=None, on_clear=None) -> Tens
         for i, (index, v) in enumerate(zip(band_index, band_values)):
             on_clear(i, index[v <= value])
     return value
-
-
-def apply_masks_(model: nn.Module, masks: dict[str, Tensor]) -> nn.Module:
-    """Multiply the weights of ``model`` (a plain copy) by ``masks`` in place; returns it."""
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        for name, mask in masks.items():
-            modules[name].weight.mul_(mask.to(modules[name].weight.device, modules[name].weight.dtype))
-    return model
 
 
 def plain_state_dict(model: nn.Module, masks: dict[str, Tensor]) -> dict[str, Tensor]:

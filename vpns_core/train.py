@@ -22,7 +22,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -38,10 +38,13 @@ from .data import (DataSplits, DeviceBatches, build_data, device_copy_bytes, hol
 from .label_mapping import LabelMap, frequency_label_mapping
 from .masking import MaskedNetwork, plain_state_dict
 from .methods import METHODS
-from .models import (SourceModel, build_model, builder_spec, first_layer, head_layer,
-                     prefers_channels_last, replace_head, set_bn_momentum)
+from .models import (SourceModel, build_model, first_layer, head_layer, prefers_channels_last, replace_head,
+                     set_bn_momentum)
 from .prompts import Prompt, build_prompt
-from .structured import ChannelPruner, architecture, compare, count_parameters
+from .resources import check_resources
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .channel_pruning import ChannelPruner
 
 Reporter = Callable[[dict[str, Any]], None]
 #: called after every training batch with ``stage``, ``epoch`` (1-based), ``step``, ``steps``,
@@ -103,7 +106,7 @@ class Trial:
 
     def __init__(self, cfg: Config, workdir: str | Path, reporter: Reporter | None = None,
                  resume: bool = True, progress: Progress | None = None) -> None:
-        cfg.check_resources()  # clear errors about data/weights before any compute
+        check_resources(cfg)  # clear errors about device, files, data, weights before any compute
         ckpt = Path(workdir) / CHECKPOINT  # a corrupt checkpoint is refused before any compute too
         saved = safe_load(ckpt, map_location="cpu") if resume and ckpt.exists() else None
         self.cfg = cfg
@@ -157,19 +160,12 @@ class Trial:
             exclude.append(self.head_name)
         if not cfg.prune_first:
             exclude.append(first_layer(self.model)[0])
-        structured = self.method.structured
-        self.net = MaskedNetwork(self.model, cfg.sparsity if self.method.prunes and not structured else 0.0,
+        self.net = MaskedNetwork(self.model, self.method.weight_sparsity(cfg),
                                  allocation=cfg.allocation, exclude=tuple(exclude),
                                  density_floor=cfg.density_floor)
-        # Channel methods: torch-pruning's dependency groups, gates and physical removal.
+        #: channel methods' dependency groups, gates and physical removal (set by their ``setup``)
         self.channels: ChannelPruner | None = None
-        self.dense_params = count_parameters(self.model)
-        if structured:
-            self.channels = ChannelPruner(
-                self.model, torch.zeros(1, 3, cfg.output_size, cfg.output_size, device=self.device),
-                cfg.sparsity, method=self.method.importance, allocation=cfg.channel_allocation,
-                ignored=(dict(self.model.named_modules())[self.head_name],), reg=cfg.channel_reg)
-        self.removal_max_abs_diff: float | None = None
+        self.method.setup(self)
         self.mask_file_masks = self._load_mask_file() if cfg.mask_file else None
 
         if self.device.type == "cuda":  # fixed input shapes: let cuDNN pick the fastest kernels once
@@ -604,15 +600,7 @@ class Trial:
                             "test_acc": test_p if headline_prompted else test_n}
         eval_time = time.perf_counter() - t0
         self.eval_time += eval_time
-        if self.channels is not None:  # channel methods: sparsity = channel sparsity
-            ch = self.channels.report()
-            report = {"sparsity": ch["channel_sparsity"],
-                      "sparsity_all_layers": 1.0 - count_parameters(self.model) / self.dense_params,
-                      "min_layer_density": ch["min_group_density"]}
-        elif self.net.mode != "dense":
-            report = self.net.sparsity_report()
-        else:
-            report = {"sparsity": 0.0, "sparsity_all_layers": 0.0, "min_layer_density": 1.0}
+        report = self.method.sparsity_report(self)
         metrics = {
             "stage": stage,
             "stage_index": stage_index(stage),
@@ -680,8 +668,7 @@ class Trial:
             "eval_time": self.eval_time,
             "best": self.best,
             "best_state": getattr(self, "best_state", None),
-            "channels": self.channels.state() if self.channels is not None else None,
-            "removal_max_abs_diff": self.removal_max_abs_diff,
+            **self.method.checkpoint_state(self),
         }, self.workdir / CHECKPOINT)
 
     def _restore(self, state: dict[str, Any]) -> None:
@@ -698,9 +685,7 @@ class Trial:
         elif state["net_mode"] == "fixed":
             prefix_masks = {n: state["model"][f"{n}.weight_mask"] for n, _ in self.net.layers}
             self.net.fix(prefix_masks)
-        if self.channels is not None and state.get("channels"):
-            self.channels.load_state(state["channels"])  # re-remove channels / re-attach scores
-        self.removal_max_abs_diff = state.get("removal_max_abs_diff")
+        self.method.restore(self, state)
         self.model.load_state_dict(state["model"])
         self.prompt.load_state_dict(state["prompt"])
         self.label_map.load_state_dict(state["label_map"])
@@ -721,42 +706,14 @@ class Trial:
         else:
             self.resume_state = state
 
-    # --- channel methods ----------------------------------------------------------------------
+    # --- method helpers ---------------------------------------------------------------------
 
-    def remove_channels(self, plan: dict[str, list[int]]) -> None:
-        """Gate the channels of ``plan`` to zero, record the logits of a batch of training images,
-        remove the channels physically and check the smaller model computes the same logits
-        (``removal_max_abs_diff``; a mismatch beyond float tolerance raises)."""
-        ch = self.channels
-        ch.fix(plan)
+    def first_images(self, n: int) -> Tensor:
+        """The first ``n`` training images in evaluation order (test-time transform) on the
+        device, e.g. to check that a change of the model kept its outputs; no effect on training."""
         with self.rng_untouched():
             x, _ = next(iter(self._loader(self.data.train_eval, train=False)))
-        x = self.prompt(self._to_device(x, torch.zeros(0, dtype=torch.long))[0][:32], enabled=True)
-        self.model.eval()
-        with torch.no_grad():
-            before = self.model(x).float()
-            ch.remove(plan)
-            after = self.model(x).float()
-        diff = (after - before).abs().max().item()
-        self.removal_max_abs_diff = diff
-        if not diff <= 1e-3 * max(1.0, before.abs().max().item()):
-            raise RuntimeError(f"channel removal changed the outputs by {diff:.3g}: the gates do not "
-                               f"match the removed channels for model '{self.cfg.model}'")
-
-    def _efficiency(self) -> dict[str, float]:
-        """Dense vs pruned: parameters, FLOPs, latency/throughput at batch 1 and 64, peak memory,
-        training step time and memory, measured one after the other here (``cfg.measure_repeats``
-        timed runs each; 0 skips the timing)."""
-        cfg = self.cfg
-        dense = build_model(cfg.model, pretrained=False).module
-        if cfg.head == "linear":
-            replace_head(dense, self.data.num_classes)
-        if cfg.measure_repeats:
-            return compare(dense, self.model, cfg.output_size, device=self.device,
-                           repeats=cfg.measure_repeats, amp_dtype=self.amp_dtype)
-        pruned = count_parameters(self.model)
-        return {"dense_params": float(self.dense_params), "pruned_params": float(pruned),
-                "params_ratio": pruned / self.dense_params}
+        return self._to_device(x, torch.zeros(0, dtype=torch.long))[0][:n]
 
     def _load_mask_file(self) -> dict[str, Tensor]:
         payload = safe_load(self.cfg.mask_file)
@@ -802,9 +759,7 @@ class Trial:
                   "prompt_type": self.cfg.prompt, "input_size": self.cfg.input_size,
                   "output_size": self.cfg.output_size, "mean": list(self.source.mean),
                   "std": list(self.source.std)}
-        if self.channels is not None:  # a smaller architecture: how to rebuild it without vpns
-            export["architecture"] = architecture(self.model)
-            export["builder"] = builder_spec(self.cfg.model, self.source.num_source_classes)
+        export.update(self.method.export_entries(self))
         atomic_save(export, self.workdir / "model_export.pt")
         final = dict(self.history[-1]) if self.history else {}
         if self.best is not None:
@@ -816,9 +771,7 @@ class Trial:
         if mask_stage:
             final["mask_stage_test_acc_prompt"] = mask_stage[-1]["test_acc_prompt"]
             final["mask_stage_test_acc_noprompt"] = mask_stage[-1]["test_acc_noprompt"]
-        if self.channels is not None:
-            final.update(self._efficiency())
-            final["removal_max_abs_diff"] = self.removal_max_abs_diff
+        final.update(self.method.final_metrics(self))
         final["trial_time_s"] = self.wall_time + self.eval_time  # training and evaluation
         final["prompt_tunable"] = self.prompt.tunable_count if self.uses_prompt else 0
         pad = self.uses_prompt and self.cfg.prompt == "pad"

@@ -8,10 +8,13 @@ Each module holds one method (and its "VPNs w. X" variant where the paper has on
 - ``lottery``: ``lth`` (IMP with rewinding), ``vpns_lth``
 - ``snip``, ``grasp``, ``synflow``: pruning at the pretrained weights, then fine-tuning
 - ``bip``: bi-level pruning
-- ``structured``: channel pruning — ``vpns_structured``, ``slim`` (Network Slimming), ``depgraph``
+- ``channel``: channel pruning — ``vpns_structured``, ``slim`` (Network Slimming), ``depgraph``
+  (the mechanism they share is :mod:`vpns_core.channel_pruning`)
+
+Each registered method carries its display ``label`` and ``plot_order``, which figures read.
 """
 from .base import METHODS, POST_PROMPTS, Method, PruneThenTrain, register, with_prompt
-from . import bip, dense, grasp, lottery, magnitude, random_mask, score, snip, structured, synflow  # noqa: F401  (registers)
+from . import bip, channel, dense, grasp, lottery, magnitude, random_mask, score, snip, synflow  # noqa: F401  (registers)
 from .score import Hydra, ScoreMethod, VPNs
 
 __all__ = ["METHODS", "POST_PROMPTS", "Method", "PruneThenTrain", "ScoreMethod", "VPNs", "Hydra",

@@ -4,11 +4,18 @@ A method answers *which weights* (an importance → mask, or learned scores) and
 iteratively, learned); :class:`vpns_core.train.Trial` owns the one training loop. ``run(trial)``
 calls the trial's stages (``trial.run_stage`` / ``trial.run_tune_stage``) and untrained steps
 (``trial.run_once``); ``stages(cfg)`` lists the training stages it will run, with their epochs.
+
+The trial also calls a few hooks at fixed points of its loop (``setup``, ``sparsity_report``,
+``checkpoint_state`` / ``restore``, ``export_entries``, ``final_metrics``); their defaults serve
+the weight methods (masks in :class:`vpns_core.masking.MaskedNetwork`), and the channel methods
+(:mod:`vpns_core.methods.channel`) override them. ``label`` and ``plot_order`` are how figures
+name and order the method.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from ..errors import ConfigError
 from ..registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -35,13 +42,17 @@ class Method:
     """
 
     name = "base"
+    #: the method's name in figures and tables
+    label = "base"
+    #: its place in figure legends and tables (smaller first)
+    plot_order = 100
     #: whether the method removes weights (False for ``dense``)
     prunes = True
     #: whether the method's own pipeline trains the visual prompt (per ``cfg.vp_stages``)
     uses_prompt = False
     #: whether the trial must keep a copy of the pretrained state (weight rewinding)
     rewinds = False
-    #: whether it removes whole channels (``vpns_core.structured``; sparsity = channel sparsity)
+    #: whether it removes whole channels (:mod:`vpns_core.methods.channel`; sparsity = channel sparsity)
     structured = False
 
     def vp_stages(self, cfg: "Config") -> str:
@@ -56,7 +67,6 @@ class Method:
 
     def validate(self, cfg: "Config") -> None:
         """Method-specific config checks; raise ``ConfigError`` naming the field."""
-        from ..config import ConfigError
         if cfg.post_prompt != "none":
             if self.uses_prompt or not self.prunes:
                 raise ConfigError(f"post_prompt: only for pruners without their own prompt "
@@ -76,6 +86,39 @@ class Method:
         if trial.net.mode != "fixed":
             trial.net.fix(trial.mask_file_masks)
         trial.run_tune_stage()
+
+    # --- hooks of the trial's loop (defaults: weight masks) ---------------------------------
+
+    def weight_sparsity(self, cfg: "Config") -> float:
+        """Sparsity of the trial's weight masks (``MaskedNetwork``): ``cfg.sparsity`` for a
+        weight pruner, 0 for a method that keeps every weight."""
+        return cfg.sparsity if self.prunes else 0.0
+
+    def setup(self, trial: "Trial") -> None:
+        """Called once the model and its weight masks are built, before a checkpoint is restored."""
+
+    def sparsity_report(self, trial: "Trial") -> dict[str, float]:
+        """``sparsity`` (the method's own), ``sparsity_all_layers`` and ``min_layer_density`` of
+        the model now: an epoch row's sparsity columns."""
+        if trial.net.mode != "dense":
+            return trial.net.sparsity_report()
+        return {"sparsity": 0.0, "sparsity_all_layers": 0.0, "min_layer_density": 1.0}
+
+    def checkpoint_state(self, trial: "Trial") -> dict[str, Any]:
+        """Entries the method adds to the trial's checkpoint (weights_only-safe values)."""
+        return {}
+
+    def restore(self, trial: "Trial", state: dict[str, Any]) -> None:
+        """Restore what :meth:`checkpoint_state` saved, from the whole checkpoint ``state``, on the
+        freshly built trial, before its model's state dict is loaded."""
+
+    def export_entries(self, trial: "Trial") -> dict[str, Any]:
+        """Entries the method adds to ``model_export.pt``."""
+        return {}
+
+    def final_metrics(self, trial: "Trial") -> dict[str, Any]:
+        """Metrics the method adds to the trial's final row."""
+        return {}
 
 
 class PruneThenTrain(Method):
@@ -106,6 +149,7 @@ def with_prompt(cls: type[Method]) -> type[Method]:
     round and the fine-tuning for LTH). Registered by the caller."""
     return type(f"VPNsWith{cls.__name__}", (cls,), {
         "name": f"vpns_{cls.name}", "uses_prompt": True,
+        "label": f"VPNs w. {cls.label}", "plot_order": cls.plot_order + 10,
         "__doc__": f"VPNs w. {cls.name}: {cls.name} with the visual prompt co-trained "
                    f"(``cfg.vp_stages``).\n\n" + (cls.__doc__ or ""),
         "__module__": cls.__module__,

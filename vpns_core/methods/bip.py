@@ -127,6 +127,8 @@ class BiP(Method):
     """
 
     name = "bip"
+    label = "BiP"
+    plot_order = 12
 
     def stages(self, cfg: "Config") -> list[tuple[str, int]]:
         return [("mask", cfg.mask_epochs), ("tune", cfg.tune_epochs)]

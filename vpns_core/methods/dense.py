@@ -14,6 +14,8 @@ class Dense(Method):
     """Dense fine-tuning of the whole pretrained model (with the prompt if VP is on in tuning)."""
 
     name = "dense"
+    label = "dense"
+    plot_order = 40
     prunes = False
     uses_prompt = True
 

@@ -48,6 +48,8 @@ class GraSP(PruneThenTrain):
     Costs two forward and three backward passes per scoring batch (counted)."""
 
     name = "grasp"
+    label = "GraSP"
+    plot_order = 17
 
     def importance(self, trial: "Trial") -> list[Tensor]:
         forward, weights, batches = data_scoring_setup(trial)

@@ -43,6 +43,8 @@ class LotteryTicket(Method):
     """
 
     name = "lth"
+    label = "LTH"
+    plot_order = 15
     rewinds = True
 
     def rounds(self, cfg: "Config") -> int:

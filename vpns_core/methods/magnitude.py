@@ -20,6 +20,8 @@ class OneShotMagnitude(PruneThenTrain):
     """
 
     name = "omp"
+    label = "OMP"
+    plot_order = 14
 
     def importance(self, trial: "Trial") -> list[torch.Tensor]:
         return [m.weight.detach().abs() for _, m in trial.net.layers]

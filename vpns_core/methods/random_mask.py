@@ -22,6 +22,8 @@ class RandomPruning(PruneThenTrain):
     """
 
     name = "random"
+    label = "Random"
+    plot_order = 13
 
     def importance(self, trial: "Trial") -> list[torch.Tensor]:
         gen = torch.Generator().manual_seed(trial.cfg.seed)

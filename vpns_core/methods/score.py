@@ -40,6 +40,8 @@ class VPNs(ScoreMethod):
     """VPNs: the prompt co-trained with the scores (stage 1) and with the weights (stage 2)."""
 
     name = "vpns"
+    label = "VPNs"
+    plot_order = 10
     uses_prompt = True
 
 
@@ -50,3 +52,5 @@ class Hydra(ScoreMethod):
     With ``post_prompt`` a prompt is added after HYDRA's mask finding (the pilot study)."""
 
     name = "hydra"
+    label = "HYDRA"
+    plot_order = 11

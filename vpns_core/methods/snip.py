@@ -51,6 +51,8 @@ class SNIP(PruneThenTrain):
     backward pass per scoring batch (counted)."""
 
     name = "snip"
+    label = "SNIP"
+    plot_order = 16
 
     def importance(self, trial: "Trial") -> list[Tensor]:
         forward, weights, batches = data_scoring_setup(trial)

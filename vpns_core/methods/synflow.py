@@ -57,6 +57,8 @@ class SynFlow(PruneThenTrain):
     cosine."""
 
     name = "synflow"
+    label = "SynFlow"
+    plot_order = 18
 
     def prune(self, trial: "Trial") -> None:
         cfg, net = trial.cfg, trial.net

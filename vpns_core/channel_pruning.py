@@ -1,26 +1,21 @@
-"""Channel (structured) pruning through torch-pruning's dependency graph.
+"""The mechanism of channel (structured) pruning, through torch-pruning's dependency graph:
+groups, gates, physical removal, the pruned architecture and its measurement. Which channels go
+(an importance per group, a torch-pruning pruner, a sparse-training penalty) is the channel
+methods' part: :mod:`vpns_core.methods.channel`.
 
-A :class:`ChannelPruner` wraps one torch-pruning pruner built on the model. Its dependency graph
-(DepGraph, Fang et al. 2023) groups every output channel with everything that must go with it:
-the BatchNorm after the conv, the next layers' input channels, depthwise convs, and all the
-layers tied by residual additions. Each *group* is pruned as one unit, identified by its root
-module (a Conv2d or Linear whose output channels define it).
+A :class:`ChannelPruner` wraps the torch-pruning pruner a channel method builds on the model. Its
+dependency graph (DepGraph, Fang et al. 2023) groups every output channel with everything that
+must go with it: the BatchNorm after the conv, the next layers' input channels, depthwise convs,
+and all the layers tied by residual additions. Each *group* is pruned as one unit, identified by
+its root module (a Conv2d or Linear whose output channels define it).
 
-Which channels go is decided by an importance per group:
-
-- ``vpns`` (structured VPNs): learned scores, one per channel of each group, trained jointly with
-  the visual prompt through a straight-through top-k *channel gate* (the channel analogue of
-  HYDRA's weight masks, :mod:`vpns_core.masking`). The gate multiplies the channel where it
-  enters every *consumer* of the group (each Conv/Linear whose input channels the group prunes:
-  the next convs, the classifier), so a gated channel contributes exactly nothing, as if removed,
-  whatever lies between (BatchNorm shifts, activations, residual additions). Gating consumer
-  inputs rather than BatchNorm outputs keeps the straight-through gradient alive for gated
-  channels: a zero placed before a ReLU would get ReLU'(0) = 0 and could never come back.
-- ``slim`` (Network Slimming, Liu et al. 2017): |γ| of the BatchNorm scales
-  (``torch_pruning.importance.BNScaleImportance``), after optional sparse training with an L1
-  penalty on γ (``BNScalePruner.regularize``).
-- ``depgraph`` (Fang et al. 2023): the group's L2 norm over all its coupled parameters
-  (``GroupMagnitudeImportance``), after optional group-sparse training (``GroupNormPruner``).
+Learned channel scores (structured VPNs) act through a straight-through top-k *channel gate* (the
+channel analogue of HYDRA's weight masks, :mod:`vpns_core.masking`). The gate multiplies the
+channel where it enters every *consumer* of the group (each Conv/Linear whose input channels the
+group prunes: the next convs, the classifier), so a gated channel contributes exactly nothing, as
+if removed, whatever lies between (BatchNorm shifts, activations, residual additions). Gating
+consumer inputs rather than BatchNorm outputs keeps the straight-through gradient alive for gated
+channels: a zero placed before a ReLU would get ReLU'(0) = 0 and could never come back.
 
 The number of channels removed per group is torch-pruning's (``pruning_ratio`` of every group
 with ``layerwise`` allocation, one ranking over all groups with ``global``); the physical
@@ -35,7 +30,7 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import contextlib
 import importlib
@@ -44,7 +39,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-CHANNEL_METHODS = ("vpns", "slim", "depgraph")
+if TYPE_CHECKING:  # pragma: no cover
+    from .methods.channel import ChannelMethod
+
 CHANNEL_ALLOCATIONS = ("layerwise", "global")
 
 
@@ -88,19 +85,6 @@ class ChannelGroup:
     gates: list[tuple[nn.Module, Tensor, Tensor]] = field(default_factory=list)
 
 
-def _score_importance(owner: "ChannelPruner"):
-    """torch-pruning importance of a group = |learned score| of each of its root channels."""
-
-    class ScoreImportance(tp.importance.Importance):
-        @torch.no_grad()
-        def __call__(self, group) -> Tensor | None:
-            name = owner.names.get(group[0].dep.target.module)
-            scores = owner.scores_of(name) if name is not None else None
-            return None if scores is None else scores.detach().abs().float()
-
-    return ScoreImportance()
-
-
 def _root_fn(module: nn.Module) -> Callable:
     return tp.prune_linear_out_channels if isinstance(module, nn.Linear) else tp.prune_conv_out_channels
 
@@ -108,18 +92,24 @@ def _root_fn(module: nn.Module) -> Callable:
 class ChannelPruner(nn.Module):
     """Channel groups of ``model``, their importance and gates, and their physical removal.
 
-    ``sparsity`` is the fraction of channels removed (per group with ``allocation='layerwise'``,
-    over all groups with ``'global'``). ``ignored`` modules keep their output channels (the
-    classifier head: its outputs are the classes). Built in eval mode, so tracing leaves the
-    BatchNorm statistics untouched.
+    ``method`` (a channel method or its registered name) builds the torch-pruning pruner and its
+    importance. ``sparsity`` is the fraction of channels removed (per group with
+    ``allocation='layerwise'``, over all groups with ``'global'``). ``ignored`` modules keep their
+    output channels (the classifier head: its outputs are the classes). ``reg`` is the sparse
+    training penalty of the methods that have one (None: torch-pruning's default). Built in eval
+    mode, so tracing leaves the BatchNorm statistics untouched.
     """
 
     def __init__(self, model: nn.Module, example_inputs: Tensor, sparsity: float, *,
-                 method: str = "vpns", allocation: str = "layerwise",
+                 method: "ChannelMethod | str" = "vpns_structured", allocation: str = "layerwise",
                  ignored: tuple[nn.Module, ...] = (), reg: float | None = None) -> None:
         super().__init__()
-        if method not in CHANNEL_METHODS:
-            raise ValueError(f"method: unknown channel method '{method}'; choose from {', '.join(CHANNEL_METHODS)}")
+        from .methods import METHODS  # not at the top: the channel methods import this module
+        if isinstance(method, str):
+            method = METHODS.get(method, "method")
+        if not method.structured:
+            channel = ", ".join(n for n in METHODS.names() if METHODS.get(n).structured)
+            raise ValueError(f"method: '{method.name}' is not a channel method; choose from {channel}")
         if allocation not in CHANNEL_ALLOCATIONS:
             raise ValueError(f"channel_allocation: unknown '{allocation}'; choose from {', '.join(CHANNEL_ALLOCATIONS)}")
         self.model_ref = [model]  # not a submodule: the model is not part of this module's state
@@ -128,6 +118,9 @@ class ChannelPruner(nn.Module):
         self.scores = nn.ParameterDict()
         self.names = {m: n for n, m in model.named_modules()}
         self.removed: dict[str, list[int]] | None = None
+        #: parameters before removal, and the largest change of the logits removal caused
+        self.dense_params = count_parameters(model)
+        self.removal_max_abs_diff: float | None = None
         self._hooks: list[Any] = []
         self._fixed: dict[str, Tensor] | None = None
         self._gates: dict[str, Tensor] = {}
@@ -137,15 +130,7 @@ class ChannelPruner(nn.Module):
         was_training = model.training
         model.eval()
         try:
-            if method == "slim":
-                kw = {} if reg is None else {"reg": reg}
-                self.pruner = tp.pruner.BNScalePruner(model, importance=tp.importance.BNScaleImportance(), **common, **kw)
-            elif method == "depgraph":
-                kw = {} if reg is None else {"reg": reg}
-                self.pruner = tp.pruner.GroupNormPruner(
-                    model, importance=tp.importance.GroupMagnitudeImportance(p=2), **common, **kw)
-            else:
-                self.pruner = tp.pruner.BasePruner(model, importance=_score_importance(self), **common)
+            self.pruner = method.pruner(self, model, reg, **common)
         finally:
             model.train(was_training)
         self.groups = self._groups()
@@ -272,12 +257,33 @@ class ChannelPruner(nn.Module):
         self.scores = nn.ParameterDict()
         self.removed = {k: list(v) for k, v in plan.items()}
 
+    def remove_checked(self, plan: dict[str, list[int]], inputs: Tensor) -> float:
+        """Gate the channels of ``plan`` to zero, record the logits of ``inputs``, remove the
+        channels physically and check the smaller model computes the same logits; returns (and
+        keeps as ``removal_max_abs_diff``) the largest difference. The model is left in eval mode.
+
+        Raises:
+            RuntimeError: a difference beyond float tolerance (gates and removal disagree).
+        """
+        self.fix(plan)
+        self.model.eval()
+        with torch.no_grad():
+            before = self.model(inputs).float()
+            self.remove(plan)
+            after = self.model(inputs).float()
+        diff = (after - before).abs().max().item()
+        self.removal_max_abs_diff = diff
+        if not diff <= 1e-3 * max(1.0, before.abs().max().item()):
+            raise RuntimeError(f"channel removal changed the outputs by {diff:.3g}: the gates do not "
+                               f"match the removed channels for model {type(self.model).__name__}")
+        return diff
+
     # --- regularised (sparse) training of the baselines --------------------------------------
 
     def regularize(self) -> None:
-        """Add the sparse-training penalty's gradient (after backward): L1 on BatchNorm γ for
-        Network Slimming, DepGraph's group-norm penalty; nothing for VPNs."""
-        if self.method in ("slim", "depgraph"):
+        """Add the method's sparse-training penalty's gradient (after backward), where it has one
+        (``ChannelMethod.sparse_training``): the pruner's ``regularize``."""
+        if self.method.sparse_training:
             self.pruner.regularize(self.model)
 
     # --- reporting --------------------------------------------------------------------------
