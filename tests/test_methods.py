@@ -20,15 +20,11 @@ from vpns_core.methods.synflow import synflow_scores
 from vpns_core.models import build_model, first_layer, head_layer
 from vpns_core.train import Trial, run_trial
 
-TINY = dict(model="tiny_resnet", pretrained=False, dataset="fashion_mnist", train_subset=128,
-            test_subset=64, val_fraction=0.25, input_size=24, output_size=32, pad_size=4,
-            batch_size=32, eval_batch_size=64, mask_epochs=1, tune_epochs=1, sparsity=0.8,
-            label_mapping_samples=64, mask_lr=0.05, tune_lr=0.05, synflow_iterations=5,
-            allocation="global", num_threads=1)
-
+import conftest
 
 def tiny(**changes):
-    return Config(**{**TINY, **changes})
+    """The tiny task under one global threshold (so realised sparsity is an exact count)."""
+    return conftest.tiny(**{"synflow_iterations": 5, "allocation": "global", **changes})
 
 
 def two_layer(dtype=torch.float32):
@@ -65,15 +61,39 @@ def channel_pruned_params(dense: nn.Module, sparsity: float) -> int:
 
 
 @pytest.mark.parametrize("method", METHODS.names())
-def test_every_method_hits_target_sparsity_and_reports_costs(method, tmp_path):
-    cfg = tiny(method=method, lth_rate=0.6, max_steps_per_epoch=2)
+def test_every_method_runs_hits_target_sparsity_and_reports(method, tmp_path):
+    """The one end-to-end trial of each registered method (the sweep smoke tests run a few)."""
+    channel = METHODS.get(method).structured  # with a dense warm-up epoch, measured once
+    cfg = tiny(method=method, lth_rate=0.6, max_steps_per_epoch=2,
+               **({"warmup_epochs": 1, "measure_repeats": 1} if channel else {}))
     seen = []
     trial = Trial(cfg, tmp_path, reporter=seen.append)
     result = trial.run()
     assert [m["stage"] for m in seen] == [n for n, e in cfg.stage_plan for _ in range(e)]
+    assert len(seen) == cfg.total_epochs and [m["epoch"] for m in seen] == list(range(1, len(seen) + 1))
+    for m in seen:
+        for key in ("train_loss", "val_acc_prompt", "val_acc_noprompt", "sparsity", "lr",
+                    "epoch_time_s", "eval_time_s", "images_per_s", "grad_steps"):
+            assert math.isfinite(m[key]), key
+        assert 0 <= m["val_acc"] <= 1
+    # the test set is evaluated where a result reads it: end of mask finding, selected epochs
+    tested = [m for m in seen if "test_acc" in m]
+    assert {m["epoch"] for m in tested} >= {result.final["selected_epoch"]}
+    assert all(0 <= m["test_acc"] <= 1 for m in tested)
+    if any(m["stage"] == "mask" for m in seen):
+        assert "test_acc" in [m for m in seen if m["stage"] == "mask"][-1]
+    if method == "dense":
+        assert seen[-1]["sparsity"] == 0.0
+    assert (tmp_path / "model_export.pt").is_file() and (tmp_path / "masks.pt").is_file()
+    bilevel_epochs = sum(m["stage"] == "mask" for m in seen) if method == "bip" else 0  # 2 steps each
+    assert seen[-1]["grad_steps"] == 2 * (len(seen) + bilevel_epochs)  # max_steps_per_epoch=2
     masks = safe_load(tmp_path / "masks.pt")["masks"]
-    if METHODS.get(method).structured:  # channels removed: every conv narrower, parameters as planned
+    if channel:  # channels removed: every conv narrower, parameters as planned
         assert masks == {}
+        assert [m["stage"] for m in seen][:1] == ["warmup"] and seen[0]["sparsity"] == 0.0
+        assert result.final["removal_max_abs_diff"] < 1e-4  # removal equals the gated network
+        for key in ("speedup", "speedup_b1", "memory_mb", "flops_g", "memory_ratio", "train_speedup"):
+            assert result.final[key] > 0, key
         dense = build_model(cfg.model, pretrained=False).module
         widths = {n: m.out_channels for n, m in trial.model.named_modules() if isinstance(m, nn.Conv2d)}
         dense_widths = {n: m.out_channels for n, m in dense.named_modules() if isinstance(m, nn.Conv2d)}
@@ -89,6 +109,7 @@ def test_every_method_hits_target_sparsity_and_reports_costs(method, tmp_path):
     elif METHODS.get(method).prunes:  # realised sparsity is exactly the target (global top-k)
         total = sum(m.numel() for m in masks.values())
         assert sum(int(m.sum()) for m in masks.values()) == total - round(0.8 * total)
+        assert seen[-1]["sparsity"] == pytest.approx(0.8, abs=1e-4)
     for key in ("wall_time_s", "grad_steps", "forward_passes", "backward_passes", "epoch"):
         values = [m[key] for m in seen]
         assert values == sorted(values) and values[-1] > 0, key

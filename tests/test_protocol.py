@@ -14,14 +14,7 @@ from vpns_core.label_mapping import frequency_label_mapping
 from vpns_core.prompts import build_prompt
 from vpns_core.train import Trial
 
-TINY = dict(model="tiny_resnet", pretrained=False, dataset="fashion_mnist", train_subset=128,
-            test_subset=64, val_fraction=0.25, input_size=24, output_size=32, pad_size=4,
-            batch_size=32, eval_batch_size=64, mask_epochs=1, tune_epochs=1, sparsity=0.8,
-            label_mapping_samples=64, mask_lr=0.05, tune_lr=0.05, num_threads=1)
-
-
-def tiny(**changes):
-    return Config(**{**TINY, **changes})
+from conftest import tiny
 
 
 class StepSpy:

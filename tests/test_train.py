@@ -11,45 +11,7 @@ from vpns_core.methods import METHODS
 from vpns_core.models import build_model
 from vpns_core.train import CHECKPOINT, NonFiniteLossError, Trial, run_trial
 
-TINY = dict(model="tiny_resnet", pretrained=False, dataset="fashion_mnist", train_subset=128,
-            test_subset=64, val_fraction=0.25, input_size=24, output_size=32, pad_size=4,
-            batch_size=32, eval_batch_size=64, mask_epochs=1, tune_epochs=1, sparsity=0.8,
-            label_mapping_samples=64, mask_lr=0.05, tune_lr=0.05, synflow_iterations=5, lth_rate=0.6,
-            num_threads=1)
-
-
-def tiny(**changes):
-    return Config(**{**TINY, **changes})
-
-
-@pytest.mark.parametrize("method", METHODS.names())
-def test_every_method_runs_and_reports(method, tmp_path):
-    seen = []
-    result = run_trial(tiny(method=method), tmp_path, reporter=seen.append)
-    cfg = tiny(method=method)
-    stages = [m["stage"] for m in seen]
-    assert stages == [name for name, epochs in cfg.stage_plan for _ in range(epochs)]
-    assert len(seen) == cfg.total_epochs
-    assert [m["epoch"] for m in seen] == list(range(1, len(seen) + 1))
-    for m in seen:
-        for key in ("train_loss", "val_acc_prompt", "val_acc_noprompt", "sparsity", "lr",
-                    "epoch_time_s", "eval_time_s", "images_per_s", "grad_steps"):
-            assert math.isfinite(m[key]), key
-        assert 0 <= m["val_acc"] <= 1
-    # the test set is evaluated where a result reads it: end of mask finding, selected epochs
-    tested = [m for m in seen if "test_acc" in m]
-    assert {m["epoch"] for m in tested} >= {result.final["selected_epoch"]}
-    assert all(0 <= m["test_acc"] <= 1 for m in tested)
-    if any(m["stage"] == "mask" for m in seen):
-        assert "test_acc" in [m for m in seen if m["stage"] == "mask"][-1]
-    expected = 0.0 if method == "dense" else 0.8
-    # channel methods remove whole channels: within one channel of the target in each group (≥ 16)
-    tolerance = 1 / 16 if METHODS.get(method).structured else 1e-4
-    assert seen[-1]["sparsity"] == pytest.approx(expected, abs=tolerance)
-    assert result.final["selected_epoch"] >= 1
-    assert (tmp_path / "model_export.pt").is_file() and (tmp_path / "masks.pt").is_file()
-    bilevel_epochs = sum(m["stage"] == "mask" for m in seen) if method == "bip" else 0  # 2 steps each
-    assert seen[-1]["grad_steps"] == 4 * (len(seen) + bilevel_epochs)  # 128 images / 32 per batch per epoch
+from conftest import TINY, tiny
 
 
 def test_hydra_means_no_prompt_and_prompt_is_trained_in_vpns(tmp_path):
