@@ -391,8 +391,8 @@ def set_bn_momentum(model: nn.Module, momentum: float | None) -> int:
 def prefers_channels_last(model: nn.Module, device: torch.device) -> bool:
     """Whether NHWC ("channels last") inputs are the faster layout for ``model`` on ``device``:
     always on CUDA; on a CPU for models with depthwise convolutions, whose NCHW backward is the
-    slow part of a step (EfficientNet-Lite0, one thread, batch 64: 0.82 -> 0.37 s at 32 px,
-    1.79 -> 0.87 s at 64 px), not for plain convolutions (ResNet-18 is 0-15% slower in NHWC)."""
+    slow part of a step, not for plain convolutions (measured by ``benchmarks/masked_step.py
+    --layout both``; figures in the README's Speed section)."""
     if device.type == "cuda":
         return True
     return any(isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels

@@ -215,7 +215,7 @@ class Trial:
                                  shuffle=train, drop_last=drop_last, generator=generator)
         workers = cfg.num_workers
         # Evaluation splits are read in a fixed order four times an epoch: keep their loaders and
-        # worker processes (a new loader's workers take ~0.2 s to start; benchmarks/input_pipeline.py).
+        # worker processes (starting a loader's workers costs time each pass; benchmarks/input_pipeline.py).
         # Training loaders stay per epoch: their shuffling is seeded per epoch for exact resume.
         persistent = (workers > 0 and not train
                       and any(dataset is d for d in (self.data.train_eval, self.data.val, self.data.test)))
@@ -410,8 +410,8 @@ class Trial:
         for g in groups:
             for p in g["params"]:
                 p.requires_grad_(True)
-        # Fused kernels (same update rule): one pass per parameter instead of several, e.g. Adam
-        # over ResNet-18's 11M scores 58 -> 6 ms per step on one CPU thread (benchmarks/masked_step.py).
+        # Fused kernels (same update rule): one pass per parameter instead of several, which is
+        # most of an optimizer step over millions of scores (benchmarks/masked_step.py).
         fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
                     for g in groups for p in g["params"]) or None
         if kind == "adam":
