@@ -102,7 +102,9 @@ def replay_order(curves: dict[str, dict[str, Any]], order: list[str], grace: int
     any order). Returns the epochs trained and the best finished point by validation."""
     from types import SimpleNamespace
 
-    from sweeps.common import StageASHA, TrialScheduler
+    from ray.tune.schedulers import TrialScheduler
+
+    from sweeps.schedulers import StageASHA
     planned = max(len(c["val"]) for c in curves.values())
     asha = StageASHA(time_attr="epoch", metric="val_acc", mode="max", max_t=planned,
                      grace_period=grace, reduction_factor=rf)

@@ -4,7 +4,7 @@ The same tiny trials (tiny preset shrunk further: 32 training images, one epoch 
 twice in one process, side by side:
 
 - ``direct``: ``run_trial`` in this process, one after another (the trials' own compute);
-- ``sweep``: the real sweep machinery (``sweeps.common.run_sweep``: Tune trainable, actor
+- ``sweep``: the real sweep machinery (``sweeps.sweep.run_sweep``: Tune trainable, actor
   reuse, checkpoint reports, the MLflow callback with params/metrics/artifacts, the Parquet
   export, the table and the figure), one trial at a time, for ``--trials`` N1 and N2 trials.
 
@@ -55,7 +55,7 @@ def run_direct(seeds: list[int], workdir: Path) -> list[float]:
 
 
 def run_sweep_timed(n: int, workdir: Path, tracking: str, concurrent: int) -> float:
-    from sweeps.common import run_sweep
+    from sweeps.sweep import run_sweep
     argv = ["--preset", "tiny", "--storage-path", str(workdir / "sweeps"), "--tracking-uri", tracking,
             "--name", f"overhead-{n}", "--max-concurrent", str(concurrent), "--cpus-per-trial", "1",
             "--seeds", *map(str, range(n))]
