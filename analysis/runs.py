@@ -2,7 +2,7 @@
 over seeds.
 
 Both readers give the same :class:`Runs`: ``trials`` with one row per trial and the columns of
-``sweeps/common.py:export_parquet`` (``status``, ``finished``, ``early_stopped``, ``config.<field>``,
+``sweeps/results.py:export_parquet`` (``status``, ``finished``, ``early_stopped``, ``config.<field>``,
 ``axis.<name>``, ``selected_*``, ``mask_stage_*``, ``last.<metric>``, ...), and ``epochs`` with one
 row per trial and epoch. Config fields a trial did not set explicitly get ``Config``'s default, so
 a figure can always group by ``config.<field>``.

@@ -18,8 +18,8 @@ Tiny-ImageNet folder of JPEG photos-like images written to a temporary folder (d
 per item, the case of the paper's file datasets). Ratios: each data stage's images/s ÷ the model
 step's; above 1 the data path keeps up.
 
-    python benchmarks/input_pipeline.py                 # both datasets
-    python benchmarks/input_pipeline.py --quick         # fewer images and repeats
+    python -m benchmarks.input_pipeline                 # both datasets
+    python -m benchmarks.input_pipeline --quick         # fewer images and repeats
 
 Writes ``results/benchmarks/input_pipeline.json``.
 """
@@ -35,11 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
-try:
-    from benchmarks.common import print_table, write_json
-except ModuleNotFoundError:  # run as a script
-    from common import print_table, write_json
-
+from benchmarks.harness import write_json
+from sweeps.text_table import print_table
 from vpns_core.config import Config
 from vpns_core.data import random_crop_flip
 from vpns_core.train import Trial

@@ -25,10 +25,10 @@ NCHW time of the same variant): the measure behind ``Config.channels_last``'s de
 Targets (issue #7): stage 2 ≤ 1.10x dense, stage 1 ≤ 1.25x dense. ``--profile`` adds a
 torch.profiler table of the most expensive operators per variant.
 
-    python benchmarks/masked_step.py                      # 32 px (batch 64) and 224 px (batch 16)
-    python benchmarks/masked_step.py --quick              # 32 px only, fewer iterations
-    python benchmarks/masked_step.py --sizes 224 --batch 32 --threads 2 --profile
-    python benchmarks/masked_step.py --model efficientnet_lite0 --sizes 64 --batch 64 --pads 8 \
+    python -m benchmarks.masked_step                      # 32 px (batch 64) and 224 px (batch 16)
+    python -m benchmarks.masked_step --quick              # 32 px only, fewer iterations
+    python -m benchmarks.masked_step --sizes 224 --batch 32 --threads 2 --profile
+    python -m benchmarks.masked_step --model efficientnet_lite0 --sizes 64 --batch 64 --pads 8 \
         --allocation erk --layout both --variants stage1 stage2          # the embedded default
 
 Writes ``results/benchmarks/masked_step.json``.
@@ -41,11 +41,8 @@ from typing import Any
 
 import torch
 
-try:
-    from benchmarks.common import interleaved_medians, print_table, write_json
-except ModuleNotFoundError:  # run as a script: benchmarks/ is not a package on sys.path
-    from common import interleaved_medians, print_table, write_json
-
+from benchmarks.harness import interleaved_medians, write_json
+from sweeps.text_table import print_table
 from vpns_core.config import Config
 from vpns_core.train import Trial
 
@@ -85,6 +82,9 @@ def prepare(trial: Trial, variant: str):
     trainable = {id(p) for g in groups for p in g["params"]}
     for p in list(trial.model.parameters()) + trial.prompt_params():
         p.requires_grad_(id(p) in trainable)
+    # Trial has no public optimiser factory or one-step method yet (run_stage only runs whole
+    # epochs, with evaluation and a checkpoint); its private ones keep this timing the loop's
+    # own step rather than a copy of it.
     opt = trial._optimizer(kind, groups)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10_000)
     trial.model.train()

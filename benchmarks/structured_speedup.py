@@ -7,9 +7,9 @@ dense and the pruned model one after the other: parameters, FLOPs per image, lat
 throughput at batch 1 and ``--batch``, peak inference memory, training step time and memory.
 Printed as ratios (pruned ÷ dense; speed-up = dense ÷ pruned time).
 
-    python benchmarks/structured_speedup.py                          # 112 px, resnet18 + lite0
-    python benchmarks/structured_speedup.py --size 224 --threads 2
-    python benchmarks/structured_speedup.py --quick                  # tiny_resnet, 32 px
+    python -m benchmarks.structured_speedup                          # 112 px, resnet18 + lite0
+    python -m benchmarks.structured_speedup --size 224 --threads 2
+    python -m benchmarks.structured_speedup --quick                  # tiny_resnet, 32 px
 
 Writes ``results/benchmarks/structured_speedup.json``.
 """
@@ -19,11 +19,8 @@ import argparse
 
 import torch
 
-try:
-    from benchmarks.common import amp_dtype, print_table, write_json
-except ModuleNotFoundError:  # run as a script
-    from common import amp_dtype, print_table, write_json
-
+from benchmarks.harness import amp_dtype, write_json
+from sweeps.text_table import print_table
 from vpns_core.models import build_model, head_layer
 from vpns_core.channel_pruning import ChannelPruner, compare
 

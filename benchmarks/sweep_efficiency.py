@@ -23,9 +23,9 @@ benchmark also *replays* the sweep's own ``StageASHA`` on the grid's measured va
 over every order of n distinct pads (table "replay"), and checks each real run against the
 replay of its own order.
 
-    python benchmarks/sweep_efficiency.py --preset tiny          # seconds per trial
-    python benchmarks/sweep_efficiency.py                        # default preset: ~20 min grid + 3 x ~7 min
-    python benchmarks/sweep_efficiency.py --grid-dir results/benchmarks/sweeps/efficiency-grid-default-<time>
+    python -m benchmarks.sweep_efficiency --preset tiny          # seconds per trial
+    python -m benchmarks.sweep_efficiency                        # default preset: ~20 min grid + 3 x ~7 min
+    python -m benchmarks.sweep_efficiency --grid-dir results/benchmarks/sweeps/efficiency-grid-default-<time>
 
 Writes ``results/benchmarks/sweep_efficiency.json``; the sweeps themselves land under
 ``results/benchmarks/sweeps`` (MLflow: ``results/benchmarks/mlflow.db``).
@@ -40,10 +40,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-try:
-    from benchmarks.common import RESULTS, print_table, write_json
-except ModuleNotFoundError:  # run as a script
-    from common import RESULTS, print_table, write_json
+from benchmarks.harness import RESULTS, write_json
+from sweeps.text_table import print_table
 
 TARGET_POINTS, TARGET_EPOCH_RATIO = 1.0, 0.40
 
@@ -102,7 +100,9 @@ def replay_order(curves: dict[str, dict[str, Any]], order: list[str], grace: int
     any order). Returns the epochs trained and the best finished point by validation."""
     from types import SimpleNamespace
 
-    from sweeps.common import StageASHA, TrialScheduler
+    from ray.tune.schedulers import TrialScheduler
+
+    from sweeps.schedulers import StageASHA
     planned = max(len(c["val"]) for c in curves.values())
     asha = StageASHA(time_attr="epoch", metric="val_acc", mode="max", max_t=planned,
                      grace_period=grace, reduction_factor=rf)

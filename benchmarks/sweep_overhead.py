@@ -4,7 +4,7 @@ The same tiny trials (tiny preset shrunk further: 32 training images, one epoch 
 twice in one process, side by side:
 
 - ``direct``: ``run_trial`` in this process, one after another (the trials' own compute);
-- ``sweep``: the real sweep machinery (``sweeps.common.run_sweep``: Tune trainable, actor
+- ``sweep``: the real sweep machinery (``sweeps.sweep.run_sweep``: Tune trainable, actor
   reuse, checkpoint reports, the MLflow callback with params/metrics/artifacts, the Parquet
   export, the table and the figure), one trial at a time, for ``--trials`` N1 and N2 trials.
 
@@ -13,8 +13,8 @@ The per-trial overhead is the slope ``((sweep(N2) - sweep(N1)) - (direct(N2) - d
 figure). Ray's start is timed on its own (once per sweep); an untimed one-trial sweep first
 warms up the driver's imports and Ray's worker process. Target (issue #7): ≤ 1.5 s per trial.
 
-    python benchmarks/sweep_overhead.py                  # 3 and 9 trials
-    python benchmarks/sweep_overhead.py --quick          # 2 and 4 trials
+    python -m benchmarks.sweep_overhead                  # 3 and 9 trials
+    python -m benchmarks.sweep_overhead --quick          # 2 and 4 trials
 
 Writes ``results/benchmarks/sweep_overhead.json``.
 """
@@ -26,10 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-try:
-    from benchmarks.common import print_table, write_json
-except ModuleNotFoundError:  # run as a script
-    from common import print_table, write_json
+from benchmarks.harness import write_json
+from sweeps.text_table import print_table
 
 TRIVIAL = {"train_subset": 32, "test_subset": 16, "val_fraction": 0.25, "label_mapping_samples": 16,
            "mask_epochs": 1, "tune_epochs": 1, "batch_size": 16, "eval_batch_size": 64}
@@ -55,7 +53,7 @@ def run_direct(seeds: list[int], workdir: Path) -> list[float]:
 
 
 def run_sweep_timed(n: int, workdir: Path, tracking: str, concurrent: int) -> float:
-    from sweeps.common import run_sweep
+    from sweeps.sweep import run_sweep
     argv = ["--preset", "tiny", "--storage-path", str(workdir / "sweeps"), "--tracking-uri", tracking,
             "--name", f"overhead-{n}", "--max-concurrent", str(concurrent), "--cpus-per-trial", "1",
             "--seeds", *map(str, range(n))]

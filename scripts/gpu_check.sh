@@ -55,7 +55,7 @@ fi
 for alloc in global erk; do
   for amp in "" --amp; do
     echo "== masked_step: $alloc ${amp:-fp32}"
-    "$PYTHON" benchmarks/masked_step.py --device "$DEVICE" "${sizes[@]}" --allocation "$alloc" \
+    "$PYTHON" -m benchmarks.masked_step --device "$DEVICE" "${sizes[@]}" --allocation "$alloc" \
       --layout both --clock wall $amp --out "$OUT/masked_step_${alloc}${amp:+_amp}.json" || status=1
   done
 done

@@ -8,6 +8,9 @@ and ``space(preset) -> dict`` (the axes). An axis maps a name to its values:
 - any other name -> *named points* ``{label: {field: value, ...}}``: partial configs that move
   several fields together, e.g. the pad sweep's ``"none"`` point is ``prompt='none', pad_size=0``.
 
+:mod:`search_spaces.points` resolves named points, lists every point of a space and checks them
+(without Ray).
+
 Presets: ``paper`` (ImageNet ResNet-18 -> CIFAR-100 at 224 px, the paper's grids, for a GPU
 cluster), ``default`` (the embedded EfficientNet-Lite0 -> Fashion-MNIST, sized for a 2-core CPU)
 and ``tiny`` (a random-init tiny ResNet on a few hundred images: seconds per trial, for tests).

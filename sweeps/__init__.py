@@ -1,1 +1,2 @@
-"""Ray Tune sweeps over vpns trials; one script per figure, shared machinery in ``common``."""
+"""Ray Tune sweeps over vpns trials: one script per figure; the machinery in ``sweep`` (entry
+point), ``flags``, ``trainable``, ``schedulers``, ``tracking``, ``resources`` and ``results``."""

@@ -1,15 +1,11 @@
 """Input-size ablation: accuracy against the size the image is resized to inside a fixed frame
-(pad fixed). Optuna (TPE) over input size and both learning rates, ASHA early stopping;
-``--search grid --scheduler fifo`` runs the exact grid of the figure at the preset's rates.
-"""
+(pad fixed), searched with both learning rates."""
 import sys
 
 from search_spaces import input_size
-from sweeps.common import run_sweep
+from sweeps.sweep import run_sweep, single_phase
 
-
-def plan(sweep):
-    sweep.run_phase("trials", input_size.base(sweep.preset), input_size.space(sweep.preset))
+plan = single_phase(input_size)
 
 
 def main(argv=None):

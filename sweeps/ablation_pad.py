@@ -9,11 +9,9 @@ and learning rates instead.
 import sys
 
 from search_spaces import pad_size
-from sweeps.common import run_sweep
+from sweeps.sweep import run_sweep, single_phase
 
-
-def plan(sweep):
-    sweep.run_phase("trials", pad_size.base(sweep.preset), pad_size.space(sweep.preset))
+plan = single_phase(pad_size)
 
 
 def main(argv=None):

@@ -1,15 +1,11 @@
-"""Prompt-type ablation: pad, fix and random prompts at an equal number of tunable values.
-Optuna (TPE) over prompt type and both learning rates, ASHA early stopping;
-``--search grid --scheduler fifo`` runs the exact grid of the figure.
-"""
+"""Prompt-type ablation: pad, fix and random prompts at an equal number of tunable values,
+searched with both learning rates."""
 import sys
 
 from search_spaces import prompt_type
-from sweeps.common import run_sweep
+from sweeps.sweep import run_sweep, single_phase
 
-
-def plan(sweep):
-    sweep.run_phase("trials", prompt_type.base(sweep.preset), prompt_type.space(sweep.preset))
+plan = single_phase(prompt_type)
 
 
 def main(argv=None):

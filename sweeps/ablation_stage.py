@@ -1,15 +1,11 @@
 """VP-stage ablation: the prompt in both stages, only in mask finding, only in weight tuning,
-or never (HYDRA). Optuna (TPE) over the stage and both learning rates, ASHA early stopping;
-``--search grid --scheduler fifo`` runs the exact grid of the figure.
-"""
+or never (HYDRA), searched with both learning rates."""
 import sys
 
 from search_spaces import vp_stage
-from sweeps.common import run_sweep
+from sweeps.sweep import run_sweep, single_phase
 
-
-def plan(sweep):
-    sweep.run_phase("trials", vp_stage.base(sweep.preset), vp_stage.space(sweep.preset))
+plan = single_phase(vp_stage)
 
 
 def main(argv=None):

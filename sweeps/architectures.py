@@ -1,15 +1,11 @@
-"""Architecture comparison: VPNs and HYDRA on each source architecture. Optuna (TPE) over
-architecture, method and both learning rates, ASHA early stopping; ``--search grid
---scheduler fifo`` runs every architecture × method at the preset's rates.
-"""
+"""Architecture comparison: VPNs and HYDRA on each source architecture, searched with both
+learning rates."""
 import sys
 
 from search_spaces import architecture
-from sweeps.common import run_sweep
+from sweeps.sweep import run_sweep, single_phase
 
-
-def plan(sweep):
-    sweep.run_phase("trials", architecture.base(sweep.preset), architecture.space(sweep.preset))
+plan = single_phase(architecture)
 
 
 def main(argv=None):

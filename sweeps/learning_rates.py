@@ -4,11 +4,9 @@ VPNs at the preset's task, with ASHA stopping weak trials after the first epochs
 import sys
 
 from search_spaces import learning_rates
-from sweeps.common import run_sweep
+from sweeps.sweep import run_sweep, single_phase
 
-
-def plan(sweep):
-    sweep.run_phase("trials", learning_rates.base(sweep.preset), learning_rates.space(sweep.preset))
+plan = single_phase(learning_rates)
 
 
 def main(argv=None):

@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 import search_spaces
-from sweeps.common import point_configs, prepare_dataset, prepare_model
+from search_spaces.points import named_points, point_configs
+from sweeps.resources import prepare_resources
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,26 +35,12 @@ def main(argv: list[str] | None = None) -> int:
         axes = module.space(args.preset)
         if hasattr(module, "target_datasets"):
             axes = {**axes, "dataset": axes.get("dataset", []) + module.target_datasets(args.preset)}
-        configs += point_configs(base, axes, {k: v for k, v in axes.items() if isinstance(v, dict)})
-    ready, missing = [], []
-    for name, root in sorted({(c.get("dataset", "fashion_mnist"), c.get("data_root")) for c in configs},
-                             key=str):
-        _try(lambda: prepare_dataset(name, root), f"dataset {name}", ready, missing)
-    for model in sorted({(c.get("model", "efficientnet_lite0"), c.get("pretrained", True),
-                          c.get("source_checkpoint")) for c in configs}, key=str):
-        _try(lambda: prepare_model(*model), f"model {model[0]}", ready, missing)
+        configs += point_configs(base, axes, named_points(axes))
+    ready, missing = prepare_resources(configs, keep_going=True)
     print(f"ready: {', '.join(ready)}")
     for line in missing:  # e.g. Stanford Cars: torchvision cannot download it
         print(f"missing: {line}", file=sys.stderr)
     return 0  # a cluster node must still come up; a sweep that needs a missing item says so
-
-
-def _try(step, what: str, ready: list[str], missing: list[str]) -> None:
-    try:
-        step()
-        ready.append(what)
-    except (FileNotFoundError, OSError, RuntimeError) as err:
-        missing.append(f"{what}: {err}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ and the budget, at every seed (search_spaces/prompt_effect.py). One Tune experim
 import sys
 
 from search_spaces import prompt_effect
-from sweeps.common import run_sweep
+from sweeps.sweep import run_sweep
 from sweeps.preflight import UsageError
 
 

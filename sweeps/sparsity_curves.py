@@ -8,7 +8,7 @@ preset's three seeds; ``--full`` runs every registered pruning method at every s
 import sys
 
 from search_spaces import method, sparsity
-from sweeps.common import run_sweep
+from sweeps.sweep import run_sweep
 
 
 def flags(parser):

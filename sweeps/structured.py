@@ -7,7 +7,7 @@ step time and memory) and logs the ratios to MLflow; ``python -m analysis struct
 import sys
 
 from search_spaces import method, structured
-from sweeps.common import run_sweep
+from sweeps.sweep import run_sweep
 
 
 def plan(sweep):

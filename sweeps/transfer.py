@@ -4,7 +4,7 @@ with their method and seed on each target task (phase 'target', ``mask_file``). 
 import sys
 
 from search_spaces import transfer
-from sweeps.common import run_sweep
+from sweeps.sweep import run_sweep
 
 
 def plan(sweep):

@@ -24,7 +24,7 @@ SWEEP = "syn-sweep"
 
 
 def log_sweep(uri: str, rows: list[dict], folder) -> str:
-    """Log ``rows`` as the trial runs of one sweep (as ``sweeps/common.py`` does); returns the
+    """Log ``rows`` as the trial runs of one sweep (as ``sweeps/tracking.py`` does); returns the
     parent run id. Fills each row's ``mlflow_run_id`` and writes the prompt images."""
     client = MlflowClient(uri)
     experiment = client.create_experiment("ablation_pad", artifact_location=(folder / "artifacts").as_uri())

@@ -208,14 +208,15 @@ def test_truncated_trial_checkpoint_is_rejected_before_any_compute(tmp_path, mon
 ])
 def test_bad_search_spaces_are_rejected_by_the_driver(space, field):
     from search_spaces import base as presets
-    from sweeps.common import check_points
+    from search_spaces.points import check_points
     with pytest.raises(ConfigError) as err:
         check_points(presets.base("tiny"), space)
     assert str(err.value).startswith(f"{field}:")
 
 
 def test_bad_sweep_flags_name_the_flag(tmp_path, capsys):
-    from sweeps.common import parse_overrides, run_sweep
+    from sweeps.flags import parse_overrides
+    from sweeps.sweep import run_sweep
     with pytest.raises(ValueError, match="--set spasity=0.5"):
         parse_overrides(["spasity=0.5"])
     tracking = ["--tracking-uri", f"sqlite:///{tmp_path.parent / (tmp_path.name + '.db')}"]

@@ -65,19 +65,19 @@ def test_a_trial_of_a_weight_method_does_not_import_torch_pruning():
 
 
 def test_trials_sharing_a_gpu_get_their_share_of_its_memory(monkeypatch):
-    from sweeps import common
+    from sweeps.trainable import cap_gpu_memory
     calls = []
-    monkeypatch.setattr(common.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(common.torch.cuda, "set_per_process_memory_fraction", calls.append)
-    assert common.cap_gpu_memory(0.5, "cuda") == 0.5 and calls == [0.5]
-    assert common.cap_gpu_memory(1.0, "cuda") is None  # a whole GPU: no cap
-    assert common.cap_gpu_memory(0.25, "cpu") is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", calls.append)
+    assert cap_gpu_memory(0.5, "cuda") == 0.5 and calls == [0.5]
+    assert cap_gpu_memory(1.0, "cuda") is None  # a whole GPU: no cap
+    assert cap_gpu_memory(0.25, "cpu") is None
     assert calls == [0.5]
 
 
 def test_loading_workers_fit_in_the_reserved_cpus():
     import argparse
-    from sweeps.common import runtime_fields
+    from sweeps.flags import runtime_fields
     args = argparse.Namespace(cpus_per_trial=4.0, gpus_per_trial=1.0)
     assert runtime_fields(args, preset_workers=4)["num_workers"] == 3  # 3 + the training process
     assert runtime_fields(args, preset_workers=2)["num_workers"] == 2

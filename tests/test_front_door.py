@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from sweeps import ablation_pad, prompt_effect, transfer
-from sweeps.common import Sweep, _abandon, _open_mlflow
+from sweeps.sweep import Sweep, _abandon
+from sweeps.tracking import open_mlflow
 from vpns_core import cli
 from vpns_core.checkpoint import atomic_save
 
@@ -104,7 +105,7 @@ def _open(args):
         tracking_uri=f"sqlite:///{db}", preset="tiny", search="grid", scheduler="fifo",
         num_samples=None, seeds=None, set=[], grace_period=1, reduction_factor=2.0, optuna_seed=0,
         cpus_per_trial=1.0, gpus_per_trial=0.0, max_failures=1), None, False)
-    _open_mlflow(sweep)
+    open_mlflow(sweep)
     return sweep.experiment_id, sweep.parent_run_id
 
 

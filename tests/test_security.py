@@ -143,7 +143,9 @@ def test_kill_9_during_a_parquet_export_leaves_the_last_whole_file(tmp_path):
 
 
 def test_local_ray_starts_without_dashboard(tmp_path, monkeypatch):
-    from sweeps import common
+    import ray
+
+    from sweeps.sweep import run_sweep
     seen = {}
 
     class Started(Exception):
@@ -152,10 +154,10 @@ def test_local_ray_starts_without_dashboard(tmp_path, monkeypatch):
     def fake_init(*args, **kwargs):
         seen.update(kwargs, args=args)
         raise Started
-    monkeypatch.setattr(common.ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(common.ray, "init", fake_init)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", fake_init)
     with pytest.raises(Started):
-        common.run_sweep("test_security", lambda sweep: None,
+        run_sweep("test_security", lambda sweep: None,
                          ["--preset", "tiny", "--storage-path", str(tmp_path)])
     assert seen["include_dashboard"] is False and "dashboard_host" not in seen
     assert not seen["args"] and "address" not in seen  # a local instance, not a remote one
@@ -177,7 +179,7 @@ def test_documented_commands_bind_loopback_only():
                                      ("a/b", False), ("/tmp/x", False), ("", False), (".hidden", False),
                                      ("a\\b", False), ("~user", False)])
 def test_sweep_names_stay_inside_the_storage_folder(name, ok, tmp_path):
-    from sweeps.common import sweep_folder
+    from sweeps.sweep import sweep_folder
     from sweeps.preflight import UsageError
     if ok:
         assert sweep_folder(tmp_path, name).parent == tmp_path.resolve()

@@ -12,7 +12,8 @@ from mlflow.tracking import MlflowClient
 
 import sweeps
 from search_spaces import base as presets
-from sweeps import common
+from sweeps.schedulers import ShuffledGridSampler
+from sweeps.sweep import run_sweep
 
 SCRIPTS = sorted(info.name for info in pkgutil.iter_modules(sweeps.__path__)  # a script has a plan
                  if hasattr(importlib.import_module(f"sweeps.{info.name}"), "plan"))
@@ -113,7 +114,7 @@ def test_optuna_on_listed_points_only_samples_each_point_once(tmp_path, tracking
     assert "--num-samples 5 > the 2 points of the space: running 2" in capsys.readouterr().out
     trials = pq.read_table(sweep_dir(tmp_path) / "trials.parquet").to_pylist()
     assert sorted(str(t["axis.pad"]) for t in trials) == ["4", "none"]  # tiny's pads, none twice
-    sampler = common.ShuffledGridSampler({"pad": ["none", 4, 8, 12]}, seed=3)
+    sampler = ShuffledGridSampler({"pad": ["none", 4, 8, 12]}, seed=3)
     assert pickle.loads(pickle.dumps(sampler))._all_grids == sampler._all_grids  # Tune saves it
 
 
@@ -125,8 +126,8 @@ def test_a_failing_trial_is_retried_marked_failed_and_the_sweep_finishes(tmp_pat
         sweep.run_phase("trials", presets.base("tiny"),
                         {"case": {"ok": {}, "broken": {"mask_file": str(broken)}}})
 
-    rc = common.run_sweep("test_failures", plan,
-                          flags(tmp_path, tracking, "--max-failures", "1"), search="grid", scheduler="fifo")
+    rc = run_sweep("test_failures", plan,
+                   flags(tmp_path, tracking, "--max-failures", "1"), search="grid", scheduler="fifo")
     assert rc == 1  # some trial failed; table and export are written all the same
     folder = sweep_dir(tmp_path)
     trials = {t["axis.case"]: t for t in pq.read_table(folder / "trials.parquet").to_pylist()}
@@ -145,8 +146,8 @@ def test_a_diverging_trial_fails_with_its_reason_and_the_sweep_goes_on(tmp_path,
         sweep.run_phase("trials", presets.base("tiny"),
                         {"case": {"ok": {}, "nan": {"method": "dense", "tune_lr": 1e30, "momentum": 0.0}}})
 
-    rc = common.run_sweep("test_nan", plan, flags(tmp_path, tracking, "--max-failures", "0"),
-                          search="grid", scheduler="fifo")
+    rc = run_sweep("test_nan", plan, flags(tmp_path, tracking, "--max-failures", "0"),
+                   search="grid", scheduler="fifo")
     assert rc == 1  # a failed trial; the sweep ran to its end (export, table)
     folder = sweep_dir(tmp_path)
     trials = {t["axis.case"]: t for t in pq.read_table(folder / "trials.parquet").to_pylist()}

@@ -1,21 +1,20 @@
-"""Shared bits of the benchmarks: the machine they ran on, median timing, tables, JSON output."""
+"""What every benchmark uses: the machine it ran on, interleaved median timing, the JSON output
+and the AMP dtype of ``--amp``. Tables are printed with :func:`sweeps.text_table.print_table`."""
 from __future__ import annotations
 
 import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sweeps.code_version import git_commit
+
 PROJECT = Path(__file__).resolve().parents[1]
 RESULTS = PROJECT / "results" / "benchmarks"
-if str(PROJECT) not in sys.path:  # `python benchmarks/x.py` from the repo root
-    sys.path.insert(0, str(PROJECT))
 
 
 def machine() -> dict[str, Any]:
@@ -33,16 +32,8 @@ def machine() -> dict[str, Any]:
             "load_avg_1m": os.getloadavg()[0], "python": platform.python_version(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "git_commit": _git_commit(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "git_commit": git_commit(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     return info
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT,
-                              capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def interleaved_medians(fns: dict[str, Callable[[], None]], warmup: int, iters: int,
@@ -72,21 +63,6 @@ def interleaved_medians(fns: dict[str, Callable[[], None]], warmup: int, iters: 
 def summary(ts: list[float]) -> dict[str, float]:
     q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
     return {"median_s": statistics.median(ts), "q1_s": q[0], "q3_s": q[2], "n": len(ts)}
-
-
-def print_table(title: str, header: list[str], rows: list[list[Any]]) -> None:
-    cells = [[_fmt(v) for v in row] for row in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(header)]
-    print(f"\n{title}")
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-    for r in cells:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.3f}" if abs(v) < 1000 else f"{v:.0f}"
-    return str(v)
 
 
 def write_json(name: str, payload: dict[str, Any], out: str | None = None) -> Path:

@@ -1,0 +1,326 @@
+"""A sweep and its entry point: :func:`run_sweep` parses the flags, checks everything a user can
+get wrong, starts (or joins) Ray, opens the MLflow parent run, runs the script's ``plan(sweep)``
+(one or more phases, ``sweep.run_phase(name, base, space)``), exports Parquet, prints the table
+and calls the analysis hook.
+
+A sweep script is short: it names its search-space module(s) and a plan (:func:`single_phase`
+for one space). The same script runs on a laptop and, with ``--address auto``, on a ``ray up``
+cluster.
+
+Layout of one sweep (``--storage-path`` defaults to ``results/sweeps``)::
+
+    <storage>/<script>-<preset>-<time>/sweep.json         the flags that define the sweep
+    <storage>/<script>-<preset>-<time>/<phase>/           one Tune experiment per phase
+    <storage>/<script>-<preset>-<time>/trials.parquet     one row per trial
+    <storage>/<script>-<preset>-<time>/epochs.parquet     one row per trial and epoch
+    <storage>/<script>-<preset>-<time>/<script>_table.csv the printed result table
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import ray
+from ray import tune
+
+from search_spaces import base as base_presets, learning_rates
+from search_spaces.points import (check_points, driver_config, listed_axes, longest_first,
+                                  named_points, point_configs)
+from sweeps.code_version import git_commit
+from sweeps.flags import DEFINING, USER_ERRORS, build_parser, parse_overrides, runtime_fields
+from sweeps.preflight import (UsageError, check_address, check_cluster_resources, check_flags,
+                              check_folder, check_local_resources, check_set_against_points,
+                              check_tracking_uri, read_sweep_json)
+from sweeps.resources import check_resources, prepare_resources
+from sweeps.results import Phase, collect, export_parquet, print_results, result_table
+from sweeps.schedulers import tune_axis, tune_config
+from sweeps.tracking import MLflowTracker, open_mlflow
+from sweeps.trainable import trainable
+from vpns_core.checkpoint import atomic_write
+
+
+class SweepInterrupted(Exception):
+    """A phase stopped before all its trials ended (Ctrl-C); ``--resume`` continues it."""
+
+
+@dataclass
+class Sweep:
+    script: str
+    name: str
+    args: argparse.Namespace
+    dir: Path
+    resuming: bool
+    experiment_id: str = ""
+    parent_run_id: str = ""
+    default_samples: int = 8  # Optuna trials when --num-samples is not given (per script)
+    phases: list[Phase] = field(default_factory=list)
+    #: a dry run checks every phase's space (points, --set, data, weights, ASHA's rungs) and runs
+    #: nothing; a plan that needs a phase's results to build the next stops after that phase
+    dry_run: bool = False
+
+    @property
+    def preset(self) -> str:
+        return self.args.preset
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(self.args.seeds or base_presets.seeds(self.preset))
+
+    def run_phase(self, name: str, base: dict[str, Any], space: dict[str, Any], *,
+                  seed_axis: bool = True) -> Phase:
+        """Run (or resume) one Tune experiment over ``space`` on top of ``base``; in a dry run,
+        only check it (raises a user error naming the flag or field)."""
+        args = self.args
+        overrides = parse_overrides(args.set)
+        check_set_against_points(overrides, named_points(space))
+        fixed = {**base, **runtime_fields(args, base.get("num_workers", 0)), **overrides}
+        if args.data_root:
+            fixed["data_root"] = str(Path(args.data_root).resolve())
+        fixed["tags"] = {**fixed.get("tags", {}), "sweep": self.name, "preset": self.preset}
+        axes = dict(space)
+        if args.search == "optuna":
+            axes.update({k: v for k, v in learning_rates.space(self.preset).items() if k not in axes})
+        axes = {k: v for k, v in axes.items() if k not in overrides}  # --set FIELD fixes an axis
+        if seed_axis and "seed" not in overrides:
+            if args.search == "grid":
+                axes["seed"] = self.seeds
+            else:
+                fixed["seed"] = self.seeds[0]
+        for key in axes:
+            fixed.pop(key, None)
+        points = named_points(axes)
+        check_points(fixed, axes)
+        if self.dry_run:
+            check_resources(point_configs(fixed, axes, points), download=args.download)
+            if args.scheduler == "asha":
+                longest = max(driver_config(c).total_epochs for c in point_configs(fixed, axes, points))
+                if args.grace_period >= max(longest, 1):
+                    raise UsageError(f"--grace-period {args.grace_period}: the trials of phase "
+                                     f"'{name}' train {longest} epochs, so ASHA could never stop "
+                                     f"one; use fewer than {longest}")
+            phase = Phase(name, listed_axes(axes), [], complete=True, checked_only=True)
+            self.phases.append(phase)
+            return phase
+        prepare_resources(point_configs(fixed, axes, points), download=args.download)
+        order = listed_axes(axes)  # results keep the space's order
+        label_keys = list(order)
+        run_order = longest_first(fixed, axes, points) if args.search == "grid" else axes
+        param_space = {**fixed, **{k: tune_axis(v, args.search) for k, v in run_order.items()}}
+        tracker = MLflowTracker(
+            tracking_uri=args.tracking_uri, experiment_id=self.experiment_id,
+            parent_run_id=self.parent_run_id, points=points, label_keys=label_keys,
+            log_model=args.log_model,
+            tags={"sweep": self.name, "phase": name, "script": self.script, "preset": self.preset,
+                  "mlflow.source.git.commit": git_commit(), "search": args.search,
+                  "scheduler": args.scheduler})
+        resources = {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial}
+        fn = tune.with_resources(tune.with_parameters(trainable, points=points), resources)
+        path = self.dir / name
+        if self.resuming and tune.Tuner.can_restore(str(path)):
+            print(f"[{self.name}] resuming phase '{name}' from {path}", flush=True)
+            tuner = tune.Tuner.restore(str(path), trainable=fn, resume_errored=False,
+                                       restart_errored=args.retry_failed)
+        else:
+            tuner = tune.Tuner(fn, param_space=param_space,
+                               tune_config=tune_config(args, fixed, axes, default_samples=self.default_samples,
+                                                       sweep_name=self.name),
+                               run_config=tune.RunConfig(
+                                   name=name, storage_path=str(self.dir), callbacks=[tracker],
+                                   failure_config=tune.FailureConfig(max_failures=args.max_failures),
+                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                   verbose=1))
+        try:
+            tuner.fit()
+        except tune.TuneError as err:  # e.g. "trials did not complete": the records say which
+            print(f"[{self.name}] Tune reported: {err}", file=sys.stderr)
+        records = collect(path, name, points)
+        phase = Phase(name, order, records,
+                      complete=all(r["status"] in ("TERMINATED", "ERROR") for r in records))
+        self.phases.append(phase)
+        if not phase.complete:  # Ctrl-C: Tune saved its state; later phases must not start
+            raise SweepInterrupted(name)
+        return phase
+
+
+def single_phase(space: ModuleType) -> Callable[[Sweep], None]:
+    """The plan of a one-phase sweep: the search-space module's ``space(preset)`` on its
+    ``base(preset)``, as the phase ``trials``."""
+    def plan(sweep: Sweep) -> None:
+        sweep.run_phase("trials", space.base(sweep.preset), space.space(sweep.preset))
+    return plan
+
+
+def run_sweep(script: str, plan: Callable[[Sweep], None], argv: list[str] | None = None, *,
+              doc: str | None = None, search: str = "optuna", scheduler: str = "asha",
+              num_samples: int = 8, flags: Callable[[argparse.ArgumentParser], list[str]] | None = None) -> int:
+    """Parse flags, check everything a user can get wrong (flags, ``--set``, every phase's
+    space, data, weights, storage, tracking store, cluster) before Ray starts or anything is
+    written, then start (or join) Ray, open the MLflow parent run, run ``plan(sweep)``, export
+    Parquet, print the table and call the analysis hook. Returns the exit status: 2 with one
+    line on stderr for a user's mistake.
+
+    ``flags(parser)`` adds the script's own flags and returns their destinations: they define
+    the sweep (``--resume`` takes them from sweep.json like the shared ones). A start that fails
+    before any trial ran marks the parent run FAILED and leaves no sweep folder behind, so the
+    same ``--name`` can be used again."""
+    parser = build_parser(script, doc, search, scheduler, num_samples)
+    own = flags(parser) if flags is not None else []
+    args = parser.parse_args(argv)
+    args.own_flags = list(own)
+    try:
+        name, resuming = _preflight(script, args, plan, num_samples)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    sweep = _create_sweep(script, args, name, resuming)
+    sweep.default_samples = num_samples
+    started = time.time()
+    own_ray = not ray.is_initialized()
+    ran = False
+    try:
+        if own_ray:
+            if args.address:
+                ray.init(address=args.address)
+                check_cluster_resources(args, ray.cluster_resources())
+            else:
+                ray.init(include_dashboard=False)  # nothing listens beyond this machine
+        open_mlflow(sweep)
+        print(f"[{sweep.name}] {args.search} search, {args.scheduler} scheduler, preset "
+              f"{args.preset}; results in {sweep.dir}; MLflow {args.tracking_uri}", flush=True)
+        ran = True
+        try:
+            plan(sweep)
+        except SweepInterrupted:
+            pass  # write what there is; _finish prints how to resume
+        return _finish(sweep, time.time() - started)
+    except USER_ERRORS as err:  # e.g. a cluster too small; checked before any trial started
+        print(f"error: {err}", file=sys.stderr)
+        _abandon(sweep, err, ran_trials=ran and any(p.records for p in sweep.phases))
+        return 2
+    finally:
+        if own_ray:
+            ray.shutdown()
+
+
+def _preflight(script: str, args: argparse.Namespace, plan: Callable[[Sweep], None],
+               num_samples: int) -> tuple[str, bool]:
+    """Every check that needs no Ray and writes nothing; returns the sweep's name and whether it
+    resumes. A dry run of ``plan`` checks each phase's space."""
+    check_flags(args)
+    check_folder("--storage-path", args.storage_path)
+    storage = Path(args.storage_path).expanduser().resolve()
+    name, resuming = _sweep_name(script, args, storage)
+    check_flags(args)  # again: a resumed sweep's flags come from its sweep.json
+    check_tracking_uri(args.tracking_uri)
+    check_address(args.address)
+    check_local_resources(args)
+    dry = Sweep(script, name, args, storage / name, resuming, default_samples=num_samples, dry_run=True)
+    plan(dry)
+    return name, resuming
+
+
+def _abandon(sweep: Sweep, err: BaseException, ran_trials: bool) -> None:
+    """After a failed start: the parent run FAILED with the reason; a new sweep that ran no trial
+    leaves no folder, so its name can be used again."""
+    if sweep.parent_run_id:
+        from mlflow.tracking import MlflowClient
+        client = MlflowClient(sweep.args.tracking_uri)
+        client.set_tag(sweep.parent_run_id, "error", str(err)[:5000])
+        client.set_terminated(sweep.parent_run_id, status="FAILED")
+    if not sweep.resuming and not ran_trials:
+        shutil.rmtree(sweep.dir, ignore_errors=True)
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=+-]{0,199}")
+
+
+def sweep_folder(storage: Path, name: str, flag: str = "--name") -> Path:
+    """``storage / name`` for a sweep name given on the command line: one plain path component
+    (letters, digits, ``._=+-``), so a name can never write outside the storage folder."""
+    folder = (storage / name).resolve()
+    if not _NAME.fullmatch(name) or ".." in name or folder.parent != storage.resolve():
+        raise UsageError(f"{flag} {name!r}: a sweep name is one folder name (letters, digits and "
+                         f"._=+- only, no '..' or path separators), created under {storage}")
+    return folder
+
+
+def _sweep_name(script: str, args: argparse.Namespace, storage: Path) -> tuple[str, bool]:
+    """The sweep's name and whether it resumes; for ``--resume``, the saved defining flags are
+    put back into ``args``. Writes nothing."""
+    if args.name is not None:
+        sweep_folder(storage, args.name)
+    if args.resume not in (None, "latest"):
+        sweep_folder(storage, args.resume, "--resume")
+    if args.resume:
+        name = args.name or (args.resume if args.resume != "latest" else None)
+        if name is None:
+            candidates = sorted(storage.glob(f"{script}-{args.preset}-*/sweep.json"),
+                                key=lambda p: p.stat().st_mtime)
+            if not candidates:
+                raise UsageError(f"--resume: no sweep of {script} ({args.preset}) under {storage}")
+            name = candidates[-1].parent.name
+        meta = storage / name / "sweep.json"
+        if not meta.is_file():
+            raise UsageError(f"--resume {name}: {meta} not found")
+        saved = read_sweep_json(meta)
+        missing = [k for k in (*DEFINING, *args.own_flags) if k not in saved["args"]]
+        for key in (*DEFINING, *args.own_flags):
+            if key in saved["args"]:
+                setattr(args, key, saved["args"][key])
+        if missing and missing != ["download"]:  # written by another script or version
+            raise UsageError(f"--resume {name}: {meta} lacks the flags {missing}")
+        return name, True
+    name = args.name or f"{script}-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if (storage / name / "sweep.json").exists():
+        raise UsageError(f"--name {name}: {storage / name} exists; pass --resume {name} to "
+                         f"continue it, or another --name")
+    return name, False
+
+
+def _create_sweep(script: str, args: argparse.Namespace, name: str, resuming: bool) -> Sweep:
+    """The sweep's folder and, for a new sweep, its ``sweep.json`` (written atomically)."""
+    folder = Path(args.storage_path).expanduser().resolve() / name
+    if not resuming:
+        folder.mkdir(parents=True, exist_ok=True)
+        text = json.dumps({"script": script, "name": name, "args": vars(args)}, indent=1)
+        atomic_write(folder / "sweep.json", lambda handle: handle.write(text.encode()))
+    return Sweep(script, name, args, folder, resuming=resuming)
+
+
+def _finish(sweep: Sweep, elapsed: float) -> int:
+    from mlflow.tracking import MlflowClient
+
+    import analysis
+
+    client = MlflowClient(sweep.args.tracking_uri)
+    children = client.search_runs([sweep.experiment_id], max_results=10000,
+                                  filter_string=f"tags.sweep = '{sweep.name}' and tags.role = 'trial'")
+    run_ids = {run.data.tags.get("trial_id"): run.info.run_id for run in children}
+    trials_path, epochs_path = export_parquet(sweep, run_ids)
+    rows = [row for phase in sweep.phases for row in result_table(phase)]
+    print_results(sweep, rows)
+    outputs = analysis.sweep_figure(sweep.script, rows, trials_path, epochs_path, sweep.dir)
+    failed = sum(r["status"] == "ERROR" for p in sweep.phases for r in p.records)
+    complete = all(p.complete for p in sweep.phases)
+    for path in (trials_path, epochs_path, *outputs):
+        client.log_artifact(sweep.parent_run_id, str(path))
+    client.log_metric(sweep.parent_run_id, "failed_trials", failed)
+    client.log_metric(sweep.parent_run_id, "sweep_wall_time_s", elapsed)
+    client.set_terminated(sweep.parent_run_id, status="FINISHED" if complete else "KILLED")
+    print(f"\n[{sweep.name}] {sum(len(p.records) for p in sweep.phases)} trials, {failed} failed, "
+          f"{elapsed:.0f} s. Parquet: {trials_path}, {epochs_path}; outputs: "
+          f"{', '.join(map(str, outputs))}; MLflow experiment '{sweep.script}' at "
+          f"{sweep.args.tracking_uri}", flush=True)
+    if not complete:
+        print(f"interrupted: continue with  python sweeps/{sweep.script}.py --resume {sweep.name}")
+        return 130
+    return 1 if failed else 0
