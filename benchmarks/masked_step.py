@@ -1,6 +1,6 @@
 """Masked-step overhead: time per training step of VPNs stage 1 and stage 2 ÷ a dense step.
 
-Every variant is the real training step of :class:`vpns_core.train.Trial` (``Trial._step``:
+Every variant is the real training step of :class:`vpns_core.train.Trial` (``Trial.train_step``:
 prompt, model, label mapping, cross-entropy, backward, optimiser and scheduler step) on the same
 ResNet-18 (torchvision, random init, no download), batch and input, timed round-robin in one
 process (median of ``--iters`` after ``--warmup``):
@@ -79,13 +79,7 @@ def prepare(trial: Trial, variant: str):
         kind = "sgd"
     if prompted:
         groups.append({"params": trial.prompt_params(), "lr": cfg.mask_lr})
-    trainable = {id(p) for g in groups for p in g["params"]}
-    for p in list(trial.model.parameters()) + trial.prompt_params():
-        p.requires_grad_(id(p) in trainable)
-    # Trial has no public optimiser factory or one-step method yet (run_stage only runs whole
-    # epochs, with evaluation and a checkpoint); its private ones keep this timing the loop's
-    # own step rather than a copy of it.
-    opt = trial._optimizer(kind, groups)
+    opt = trial.optimizer(kind, groups)  # the loop's own optimizer and step, not copies
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10_000)
     trial.model.train()
     gen = torch.Generator().manual_seed(0)
@@ -93,7 +87,7 @@ def prepare(trial: Trial, variant: str):
     y = torch.randint(0, 10, (cfg.batch_size,), generator=gen).to(trial.device)
 
     def step() -> None:
-        trial._step(opt, sched, x, y, prompted=prompted)
+        trial.train_step(opt, sched, x, y, prompted=prompted)
 
     return step
 

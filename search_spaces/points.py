@@ -39,9 +39,9 @@ def resolve(config: dict[str, Any], points: dict[str, dict] | None) -> dict[str,
 
 
 def driver_config(values: dict[str, Any]) -> Config:
-    """``values`` validated in the driver. The device is checked where the trial runs: a CPU
-    head node drives GPU trials."""
-    return Config.from_dict({**values, "device": "auto"})
+    """``values`` validated in the driver (values only: a CPU head node drives GPU trials, whose
+    device is checked where they run, by :func:`vpns_core.resources.check_resources`)."""
+    return Config.from_dict(values)
 
 
 def listed_axes(axes: dict[str, Any]) -> dict[str, list]:

@@ -14,6 +14,7 @@ from typing import Any
 
 import search_spaces
 from sweeps.preflight import UsageError
+from vpns_core.checkpoint import CheckpointError
 from vpns_core.config import Config, ConfigError
 from vpns_core.registry import UnknownNameError
 
@@ -25,7 +26,7 @@ DEFINING = ("preset", "search", "scheduler", "num_samples", "seeds", "set", "dat
             "grace_period", "reduction_factor", "optuna_seed", "metric", "mode", "tracking_uri",
             "log_model", "download")
 #: what a user's mistake raises before anything runs: one line on stderr, exit status 2
-USER_ERRORS = (UsageError, ConfigError, UnknownNameError, FileNotFoundError)
+USER_ERRORS = (UsageError, ConfigError, UnknownNameError, FileNotFoundError, CheckpointError)
 
 
 def build_parser(script: str, doc: str | None, search: str, scheduler: str,

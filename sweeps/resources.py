@@ -21,14 +21,13 @@ def models_of(configs: list[dict[str, Any]]) -> list[tuple[str, bool, str | None
 
 
 def check_resources(configs: list[dict[str, Any]], download: bool = False) -> None:
-    """Datasets and weights of ``configs`` are on disk, or (``download``) can be fetched: checked
-    without writing or downloading anything (the dry run's check)."""
-    from vpns_core.data import check_available
-    from vpns_core.models import check_model
-    for name, root in datasets_of(configs):
-        check_available(name, root, download)
-    for model, pretrained, checkpoint in models_of(configs):
-        check_model(model, pretrained and checkpoint is None, checkpoint, allow_download=download)
+    """What the trials of ``configs`` read (datasets, weights, mask and checkpoint files) is on
+    disk, or (``download``) can be fetched: the trial's own check
+    (:func:`vpns_core.resources.check_resources`), run in the driver before Ray starts, without
+    writing or downloading anything. The device is checked where each trial runs."""
+    from search_spaces.points import driver_config
+    from vpns_core.resources import check_resources as check_trial_resources
+    check_trial_resources(*(driver_config(c) for c in configs), download=download, device=False)
 
 
 def prepare_resources(configs: list[dict[str, Any]], download: bool = True,

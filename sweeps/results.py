@@ -15,6 +15,7 @@ from sweeps.flags import METRIC
 from sweeps.text_table import print_table
 from sweeps.tracking import FINAL_PREFIXES, TUNE_KEYS, error_text
 from vpns_core.checkpoint import atomic_write
+from vpns_core.stats import mean_std, pick
 
 if TYPE_CHECKING:
     from sweeps.sweep import Sweep
@@ -132,21 +133,25 @@ def result_table(phase: Phase) -> list[dict[str, Any]]:
                "failed": sum(r["status"] == "ERROR" for r in records)}
         for metric in TABLE_METRICS:
             values = [d[metric] for d in done if isinstance(d.get(metric), (int, float))]
-            if values:
-                mean = sum(values) / len(values)
-                row[metric] = mean
-                row[metric + "_std"] = (math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-                                        if len(values) > 1 else 0.0)
+            if values:  # std NaN for one value: one seed does not measure seed noise
+                row[metric], row[metric + "_std"], _ = mean_std(values)
         rows.append(row)
     return rows
 
 
 def best_record(phase: Phase) -> dict[str, Any] | None:
-    """The finished trial with the highest selected validation accuracy (never the test set)."""
-    done = sorted((r for r in phase.records if r["final"] is not None), key=lambda r: r["trial_id"])
-    return max(done, key=lambda r: r["final"].get("selected_val_acc", r["final"].get(METRIC, -1)),
-               default=None)  # ties: the first trial Tune created
+    """The finished trial with the highest selected validation accuracy (never the test set),
+    ties broken as the analysis breaks them (:func:`vpns_core.stats.selection_key`)."""
+    return pick([r for r in phase.records if r["final"] is not None],
+                lambda r: r["final"].get("selected_val_acc", r["final"].get(METRIC)),
+                lambda r: r["final"].get("selected_epoch"), lambda r: r["trial_id"])
 
+
+def _cell_text(row: dict[str, Any], metric: str) -> str:
+    if metric not in row:
+        return "-"
+    std = row[metric + "_std"]
+    return f"{row[metric]:.3f} (1 trial)" if math.isnan(std) else f"{row[metric]:.3f} ± {std:.3f}"
 
 
 def print_results(sweep: Sweep, rows: list[dict[str, Any]]) -> None:
@@ -157,7 +162,7 @@ def print_results(sweep: Sweep, rows: list[dict[str, Any]]) -> None:
         keys = [k for k in phase.axes if k != "seed"]
         metrics = [m for m in TABLE_METRICS if any(m in r for r in body)]
         lines = [[str(r.get(k)) for k in keys + ["done", "stopped", "failed"]]
-                 + [f"{r[m]:.3f} ± {r[m + '_std']:.3f}" if m in r else "-" for m in metrics]
+                 + [_cell_text(r, m) for m in metrics]
                  for r in body]
         pooled = "seeds" if sweep.args.search == "grid" else "the point's trials (sampled learning rates pooled)"
         print_table(f"{sweep.script} [{sweep.preset}] phase '{phase.name}' ({len(phase.records)} trials; "

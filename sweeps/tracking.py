@@ -29,7 +29,7 @@ TUNE_KEYS = {"timestamp", "time_this_iter_s", "time_total_s", "training_iteratio
              "checkpoint_dir_name", "done", "trial_id", "experiment_tag", "should_checkpoint",
              "final", "planned_epochs"}
 # Final-report keys kept as trial columns and MLflow metrics: the selected model's accuracies,
-# and for channel methods the dense-vs-pruned measurements (vpns_core.structured.compare).
+# and for channel methods the dense-vs-pruned measurements (vpns_core.channel_pruning.compare).
 FINAL_PREFIXES = ("selected_", "mask_stage_", "prompt_tunable", "prompt_input_fraction",
                   "prompt_image_fraction", "trial_time_s", "dense_", "pruned_", "speedup",
                   "memory_", "flops_", "params_ratio", "train_speedup", "train_memory_ratio",

@@ -55,6 +55,8 @@ def _cases(tmp):
         (["--set", "method=hdyra"], "method: "),
         (["--set", "nosuchfield=1"], "--set nosuchfield=1: expected FIELD=VALUE"),
         (["--set", "dataset=cifar10", "--data-root", str(tmp / "nonexistent")], "dataset 'cifar10' is unavailable"),
+        (["--set", f"mask_file={tmp / 'nomask.pt'}"], "mask_file: file not found"),
+        (["--set", f"mask_file={tmp / 'afile'}"], "mask_file: cannot read"),  # the trial's own check
     ]
 
 
@@ -135,7 +137,7 @@ def test_a_failed_start_marks_the_parent_failed_and_frees_the_name(tmp_path):
 
 
 def test_cli_refuses_bad_files_in_one_line(tmp_path, capsys):
-    from test_train import TINY
+    from conftest import TINY
     args = []
     for key, value in TINY.items():
         flag = key.replace("_", "-")

@@ -24,7 +24,7 @@ class StepSpy:
     def __init__(self, trial: Trial, monkeypatch):
         self.steps = []
         self.inputs = []  # (training?, shape of the network's input)
-        original = Trial._step
+        original = Trial.train_step
         scores0 = trial.net.layers[0][1]
 
         def step(this, opt, sched, x, y, prompted, scheduler_step=True):
@@ -36,7 +36,7 @@ class StepSpy:
                                "score_grad": score is not None and score.grad is not None,
                                "prompt_grad": this.prompt.delta.grad is not None})
             return out
-        monkeypatch.setattr(Trial, "_step", step)
+        monkeypatch.setattr(Trial, "train_step", step)
         trial.model.register_forward_pre_hook(
             lambda module, args: self.inputs.append((module.training, tuple(args[0].shape))))
 

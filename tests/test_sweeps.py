@@ -66,6 +66,41 @@ def test_every_sweep_script_runs_on_the_tiny_preset(script, tmp_path, tracking, 
     assert (folder / f"{script}_table.csv").is_file()
 
 
+def test_sparsity_curves_full_grid_plans_every_pruning_method_at_every_level():
+    from types import SimpleNamespace
+
+    from search_spaces import method, sparsity
+    from sweeps import sparsity_curves
+    for preset in ("tiny", "default", "paper"):
+        phases = {}
+        fake = SimpleNamespace(preset=preset, args=SimpleNamespace(full=True),
+                               run_phase=lambda name, base, space: phases.setdefault(name, (base, space)))
+        sparsity_curves.plan(fake)
+        base, space = phases["pruned"]
+        assert space["method"] == method.pruning_methods() and len(space["method"]) >= 12
+        assert space["sparsity"] == sparsity.levels(preset)
+        assert phases["dense"][1] == {"method": ["dense"]}
+
+
+def test_result_table_has_no_std_for_one_trial_and_best_record_breaks_ties_like_the_analysis():
+    import math
+
+    from sweeps.results import Phase, best_record, result_table
+
+    def record(trial_id, pad, seed, val, epoch, test):
+        return {"trial_id": trial_id, "status": "TERMINATED", "tune_config": {"pad": pad, "seed": seed},
+                "final": {"selected_val_acc": val, "selected_epoch": epoch, "selected_test_acc": test}}
+    records = [record("b", 4, 7, 0.5, 2, 0.60), record("a", 4, 9, 0.5, 2, 0.70),
+               record("c", 8, 7, 0.5, 3, 0.40)]
+    rows = result_table(Phase("trials", {"pad": [4, 8], "seed": [7, 9]}, records, complete=True))
+    assert rows[0]["selected_test_acc"] == pytest.approx(0.65)
+    assert rows[0]["selected_test_acc_std"] == pytest.approx(math.sqrt(0.005))
+    assert rows[1]["selected_test_acc"] == 0.40 and math.isnan(rows[1]["selected_test_acc_std"])
+    # equal validation accuracy: the later selected epoch, then the smaller trial id
+    assert best_record(Phase("trials", {}, records, complete=True))["trial_id"] == "c"
+    assert best_record(Phase("trials", {}, records[:2], complete=True))["trial_id"] == "a"
+
+
 def test_mlflow_run_holds_params_epoch_metrics_and_artifacts(tmp_path, tracking, ray_session):
     from sweeps import ablation_pad
     assert ablation_pad.main(flags(tmp_path, tracking, "--log-model")) == 0
@@ -119,8 +154,10 @@ def test_optuna_on_listed_points_only_samples_each_point_once(tmp_path, tracking
 
 
 def test_a_failing_trial_is_retried_marked_failed_and_the_sweep_finishes(tmp_path, tracking, ray_session):
-    broken = tmp_path / "not_a_mask.pt"
-    broken.write_text("not a checkpoint")
+    # a readable mask file (so the preflight passes it) that fits no layer: fails in the trial
+    import torch
+    broken = tmp_path / "foreign_mask.pt"
+    torch.save({"masks": {"not.a.layer": torch.ones(3, dtype=torch.bool)}}, broken)
 
     def plan(sweep):
         sweep.run_phase("trials", presets.base("tiny"),

@@ -113,7 +113,7 @@ class Trial:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._eval_loaders: dict[int, DataLoader] = {}  # persistent evaluation loaders (_loader)
-        self._device_splits: dict[int, tuple[Tensor, Tensor]] = {}  # splits held on the device (_loader)
+        self._device_splits: dict[int, tuple[Tensor, Tensor]] = {}  # splits held on the device (loader)
         self.reporter = reporter or (lambda metrics: None)
         self.progress = progress
         self.device = resolve_device(cfg.device)
@@ -204,7 +204,9 @@ class Trial:
             return self.cfg.data_on_device
         return self.device.type == "cuda" and size <= _DEVICE_COPY_BYTES
 
-    def _loader(self, dataset, train: bool, generator: torch.Generator | None = None) -> DataLoader:
+    def loader(self, dataset, train: bool, generator: torch.Generator | None = None) -> DataLoader:
+        """Batches of uint8 images and labels of ``dataset`` (a split of ``self.data``): shuffled
+        by ``generator`` to train, in order to evaluate; held on the device where it fits."""
         cfg = self.cfg
         batch_size = cfg.batch_size if train else cfg.eval_batch_size
         drop_last = train and len(dataset) >= cfg.batch_size
@@ -229,7 +231,8 @@ class Trial:
             self._eval_loaders[id(dataset)] = loader
         return loader
 
-    def _to_device(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    def to_device(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """A batch from :meth:`loader` on the trial's device, images as floats in [0, 1]."""
         x = x.to(self.device, non_blocking=True).float().div_(255.0)
         return x, y.to(self.device, non_blocking=True)
 
@@ -269,8 +272,8 @@ class Trial:
         correct = torch.zeros((), device=self.device)
         loss = torch.zeros((), device=self.device)
         with self.rng_untouched():
-            for x, y in self._loader(dataset, train=False):
-                x, y = self._to_device(x, y)
+            for x, y in self.loader(dataset, train=False):
+                x, y = self.to_device(x, y)
                 with self.autocast():
                     logits = self.forward(x, prompted).float()
                 loss += F.cross_entropy(logits, y, reduction="sum")
@@ -304,8 +307,8 @@ class Trial:
         preds, targets = [], []
         subset = data if len(indices) == len(data) else Subset(data, indices.tolist())
         with self.rng_untouched():
-            for x, y in self._loader(subset, train=False):
-                x, y = self._to_device(x, y)
+            for x, y in self.loader(subset, train=False):
+                x, y = self.to_device(x, y)
                 with self.autocast():
                     preds.append(self.model(self.prompt(x, enabled=prompted)).argmax(1))
                 targets.append(y)
@@ -326,10 +329,10 @@ class Trial:
             m.momentum = None  # cumulative average over the calibration batches
         self.model.train()
         with self.rng_untouched():
-            for i, (x, y) in enumerate(self._loader(self.data.train_eval, train=False)):
+            for i, (x, y) in enumerate(self.loader(self.data.train_eval, train=False)):
                 if i >= self.cfg.bn_recalibrate_batches:
                     break
-                self.model(self.prompt(self._to_device(x, y)[0], enabled=prompted))
+                self.model(self.prompt(self.to_device(x, y)[0], enabled=prompted))
         for m, momentum in zip(bns, saved):
             m.momentum = momentum
 
@@ -359,10 +362,10 @@ class Trial:
         from ``cfg.seed`` alone: the data of SNIP/GraSP-style scores."""
         batches: list[tuple[Tensor, Tensor]] = []
         gen = torch.Generator().manual_seed(self.cfg.seed)
-        for x, y in self._loader(self.data.train_eval, train=True, generator=gen):
+        for x, y in self.loader(self.data.train_eval, train=True, generator=gen):
             if len(batches) == n:
                 break
-            batches.append(self._to_device(x, y))
+            batches.append(self.to_device(x, y))
         return batches
 
     @torch.no_grad()
@@ -405,9 +408,14 @@ class Trial:
                        recalibrate=stage != "warmup", extra_metrics=extra_metrics,
                        after_backward=after_backward)
 
-    def _optimizer(self, kind: str, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    def optimizer(self, kind: str, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        """The stage optimizer (``adam`` or ``sgd``) over ``groups``; only their parameters train:
+        every other model and prompt parameter is frozen."""
         cfg = self.cfg
-        for g in groups:
+        trainable = {id(p) for g in groups for p in g["params"]}
+        for p in list(self.model.parameters()) + self.prompt_params():
+            p.requires_grad_(id(p) in trainable)
+        for g in groups:  # e.g. scores, which are not model parameters
             for p in g["params"]:
                 p.requires_grad_(True)
         # Fused kernels (same update rule): one pass per parameter instead of several, which is
@@ -431,10 +439,7 @@ class Trial:
         unscaled gradients, before the optimizer step (a regulariser's gradient).
         """
         cfg = self.cfg
-        trainable = {id(p) for g in groups for p in g["params"]}
-        for p in list(self.model.parameters()) + self.prompt_params():
-            p.requires_grad_(id(p) in trainable)
-        opt = self._optimizer(optimizer, groups)
+        opt = self.optimizer(optimizer, groups)
         steps_per_epoch = self._steps_per_epoch()
         # Cosine decay per step (paper schedule) or per epoch (the authors' code steps it once
         # an epoch, so epoch e trains at lr * (1 + cos(pi e / E)) / 2).
@@ -504,11 +509,11 @@ class Trial:
         self.model.train()
         seed = self._epoch_seed(stage, epoch)
         augment = torch.Generator(device=self.device).manual_seed(seed)
-        loader = self._loader(self.data.train, train=True, generator=torch.Generator().manual_seed(seed))
+        loader = self.loader(self.data.train, train=True, generator=torch.Generator().manual_seed(seed))
         two_step = cfg.schedule == "reference" and prompted
         if two_step:  # a second, independent stream (an LCG step away from every epoch's seed)
             prompted_seed = (seed * 6364136223846793005 + 1442695040888963407) % 2**62
-            prompted_loader = self._loader(self.data.train_eval, train=True,
+            prompted_loader = self.loader(self.data.train_eval, train=True,
                                            generator=torch.Generator().manual_seed(prompted_seed))
             batches = zip(loader, prompted_loader)
         else:
@@ -523,11 +528,11 @@ class Trial:
             if step >= steps:
                 break
             if two_step:
-                xp, yp = self._to_device(*prompted_batch)
-                self._step(opt, sched, xp, yp, prompted=True, scheduler_step=False)
-            x, y = self._to_device(*batch)
+                xp, yp = self.to_device(*prompted_batch)
+                self.train_step(opt, sched, xp, yp, prompted=True, scheduler_step=False)
+            x, y = self.to_device(*batch)
             x = random_crop_flip(x, cfg.input_size, augment)
-            loss, logits = self._step(opt, sched, x, y, prompted=prompted and not two_step,
+            loss, logits = self.train_step(opt, sched, x, y, prompted=prompted and not two_step,
                                       scheduler_step=per_step)
             loss_sum += loss.detach() * len(y)
             correct += (logits.argmax(1) == y).sum()
@@ -542,8 +547,10 @@ class Trial:
         return {"train_loss": loss_sum.item() / max(1, seen), "train_acc": correct.item() / max(1, seen),
                 "images": seen}
 
-    def _step(self, opt, sched, x: Tensor, y: Tensor, prompted: bool,
-              scheduler_step: bool = True) -> tuple[Tensor, Tensor]:
+    def train_step(self, opt, sched, x: Tensor, y: Tensor, prompted: bool,
+                   scheduler_step: bool = True) -> tuple[Tensor, Tensor]:
+        """One optimizer step on the device batch ``x, y`` (with the prompt if ``prompted``),
+        under the current stage's step function and AMP scaling; returns the loss and logits."""
         if self._stage_step is not None:  # e.g. BiP: sets the grads, we apply the update
             opt.zero_grad(set_to_none=True)
             loss, logits = self._stage_step(x, y, prompted, opt)
@@ -712,8 +719,8 @@ class Trial:
         """The first ``n`` training images in evaluation order (test-time transform) on the
         device, e.g. to check that a change of the model kept its outputs; no effect on training."""
         with self.rng_untouched():
-            x, _ = next(iter(self._loader(self.data.train_eval, train=False)))
-        return self._to_device(x, torch.zeros(0, dtype=torch.long))[0][:n]
+            x, _ = next(iter(self.loader(self.data.train_eval, train=False)))
+        return self.to_device(x, torch.zeros(0, dtype=torch.long))[0][:n]
 
     def _load_mask_file(self) -> dict[str, Tensor]:
         payload = safe_load(self.cfg.mask_file)
