@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 
 from .plotting import DATASET_NAMES, Figure, Line, Panel, context, draw, marker_note, status_note
-from .runs import Runs, aggregate
-from .sparsity_curves import METHOD_ORDER, dense_refs, method_name, split
+from .runs import Runs
+from .sparsity_curves import METHOD_ORDER, method_name, sparsity_tables, split
 
 NAME = "cost"
 TITLE = "Computational cost per method and sparsity"
@@ -26,11 +26,7 @@ def applicable(runs: Runs) -> bool:
 
 
 def build(runs: Runs) -> Figure:
-    pruned, dense = split(runs)
-    by_dataset = pruned["config.dataset"].nunique() > 1
-    table = aggregate(pruned, ["config.dataset", "config.method", "config.sparsity"], COST)
-    table["sparsity_pct"] = 100 * table["config.sparsity"]
-    dense_table, refs = dense_refs(dense, COST, by_dataset)
+    table, dense_table, refs, by_dataset = sparsity_tables(runs, COST)
     both = pd.concat([table, dense_table], ignore_index=True) if len(dense_table) else table
     caption = [f"{context(runs, runs.trials, sparsity=False)}.",
                "Cumulative cost at the end of each finished trial: wall time of training epochs "

@@ -298,7 +298,7 @@ def noise_note(table: pd.DataFrame, stem: str, label: Callable[[dict], str], wha
     return text + "."
 
 
-def grouped_noise_notes(table: pd.DataFrame, by: str, label: Callable[[dict], str],
+def grouped_noise_notes(table: pd.DataFrame, by: str | list[str], label: Callable[[dict], str],
                         stems: dict[str, str], name: Callable[[Any, str], str]) -> list[str]:
     """:func:`noise_note` within each group of ``by`` (e.g. per architecture), for each
     ``stem -> what`` of ``stems``; ``name(group key, what)`` heads each sentence."""

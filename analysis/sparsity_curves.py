@@ -7,7 +7,7 @@ import pandas as pd
 from vpns_core.methods import METHODS
 
 from .plotting import (ACCURACY, ACCURACY_NOTE, DATASET_NAMES, Figure, context, draw, marker_note,
-                       fmt, metric_panels, noise_note, status_note)
+                       TUNED_STEMS, fmt, grouped_noise_notes, metric_panels, status_note)
 from .runs import Runs, aggregate
 
 NAME = "sparsity_curves"
@@ -49,22 +49,25 @@ def dense_refs(dense: pd.DataFrame, metrics: dict, rows: bool) -> tuple[pd.DataF
     return table, refs
 
 
-def build(runs: Runs) -> Figure:
+def sparsity_tables(runs: Runs, metrics: dict) -> tuple[pd.DataFrame, pd.DataFrame, dict, bool]:
+    """Per dataset, method and sparsity, ``metrics`` aggregated over seeds (with ``sparsity_pct``);
+    dense fine-tuning's table and reference lines; and whether there are several datasets."""
     pruned, dense = split(runs)
     by_dataset = pruned["config.dataset"].nunique() > 1
-    table = aggregate(pruned, ["config.dataset", "config.method", "config.sparsity"], ACCURACY)
+    table = aggregate(pruned, ["config.dataset", "config.method", "config.sparsity"], metrics)
     table["sparsity_pct"] = 100 * table["config.sparsity"]
-    dense_table, refs = dense_refs(dense, ACCURACY, by_dataset)
+    dense_table, refs = dense_refs(dense, metrics, by_dataset)
+    return table, dense_table, refs, by_dataset
+
+
+def build(runs: Runs) -> Figure:
+    table, dense_table, refs, by_dataset = sparsity_tables(runs, ACCURACY)
 
     def label(row) -> str:
         return method_name(row["config.method"])
-    notes = []
-    for (dataset, level), group in table.groupby(["config.dataset", "config.sparsity"]):
-        for stem, what in (("test_prompt_pct", "with prompt"), ("test_noprompt_pct", "without prompt")):
-            note = noise_note(group, stem, label, f"{DATASET_NAMES.get(dataset, dataset)} at "
-                                                  f"{100 * level:g}% sparsity, {what}")
-            if note:
-                notes.append(note)
+    notes = grouped_noise_notes(table, ["config.dataset", "config.sparsity"], label, TUNED_STEMS,
+                                lambda point, what: f"{DATASET_NAMES.get(point[0], point[0])} at "
+                                                    f"{100 * point[1]:g}% sparsity, {what}")
     dense_text = "; ".join(
         f"{DATASET_NAMES.get(r['config.dataset'], r['config.dataset'])}: with prompt "
         f"{fmt(r['test_prompt_pct_mean'], r['test_prompt_pct_std'])}, without "

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import Method, register
+from .score import mask_stage_groups
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import Config
@@ -136,11 +137,7 @@ class BiP(Method):
     def run(self, trial: "Trial") -> None:
         cfg = trial.cfg
         if trial.stage_pending("mask"):
-            scores = trial.net.attach_scores() if trial.net.mode == "dense" else trial.net.scores()
-            groups = [{"params": scores, "lr": cfg.mask_lr}]
-            if cfg.prompt_in_mask_stage:
-                groups.append({"params": trial.prompt_params(), "lr": cfg.mask_prompt_lr or cfg.mask_lr})
-            trial.run_stage("mask", groups, optimizer=cfg.bip_optimizer, epochs=cfg.mask_epochs,
+            trial.run_stage("mask", mask_stage_groups(trial, head=False), optimizer=cfg.bip_optimizer, epochs=cfg.mask_epochs,
                             prompted=cfg.prompt_in_mask_stage, step=BilevelStep(trial))
         trial.net.fix()
         trial.run_tune_stage()

@@ -24,16 +24,24 @@ class ScoreMethod(Method):
     def run(self, trial: "Trial") -> None:
         cfg = trial.cfg
         if trial.stage_pending("mask"):
-            scores = trial.net.attach_scores() if trial.net.mode == "dense" else trial.net.scores()
-            groups = [{"params": scores, "lr": cfg.mask_lr}]
-            groups += trial.head_groups(cfg.mask_lr)
-            if cfg.prompt_in_mask_stage:
-                groups.append({"params": trial.prompt_params(), "lr": cfg.mask_prompt_lr or cfg.mask_lr})
-            trial.run_stage("mask", groups, optimizer="adam", epochs=cfg.mask_epochs,
+            trial.run_stage("mask", mask_stage_groups(trial), optimizer="adam", epochs=cfg.mask_epochs,
                             prompted=cfg.prompt_in_mask_stage)
         trial.net.fix()
         trial.run_tune_stage()
 
+
+
+def mask_stage_groups(trial: "Trial", head: bool = True) -> list[dict]:
+    """Mask finding's parameter groups at ``cfg.mask_lr``: the scores (attached on first use),
+    a learned head's parameters (``head``), and the prompt where VP is on in this stage."""
+    cfg = trial.cfg
+    scores = trial.net.attach_scores() if trial.net.mode == "dense" else trial.net.scores()
+    groups = [{"params": scores, "lr": cfg.mask_lr}]
+    if head:
+        groups += trial.head_groups(cfg.mask_lr)
+    if cfg.prompt_in_mask_stage:
+        groups.append({"params": trial.prompt_params(), "lr": cfg.mask_prompt_lr or cfg.mask_lr})
+    return groups
 
 @register
 class VPNs(ScoreMethod):
