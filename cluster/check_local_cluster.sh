@@ -2,7 +2,7 @@
 # `ray up` for real, on this machine: a loopback sshd, `ray up` of cluster/local.yaml (a head at
 # 127.0.0.1, reached over SSH), the tiny pad ablation run on it with `ray exec ... --address auto`,
 # a check that its trials and MLflow runs landed, `ray down`, and a check that no process of the
-# cluster is left. Prints the timings. Runs as root (sshd, apt-get); about 2-3 minutes on 2 CPUs.
+# cluster is left. Prints the timings. Runs as root (sshd, apt-get); about a minute on 2 CPUs.
 #
 #   cluster/check_local_cluster.sh
 #
@@ -26,15 +26,23 @@ YAML=$DIR/local.yaml
 LAUNCH=(env TMPDIR="$DIR/launcher" nice -n 10 "$RAY")
 
 t_up=- t_sweep=- t_down=-
-cluster_started=0
+cluster_started=0 child=
+# A long step runs in the background and is waited for: bash runs a signal's trap only between
+# commands, and `wait` is one it can interrupt, so Ctrl-C / SIGTERM reach cleanup at once.
+# The log is redirected inside: a trap runs with the redirections of the command it interrupts.
+step() { local log=$1; shift; "$@" > "$log" 2>&1 & child=$!; wait "$child"; }
 now() { date +%s.%N; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 
 [ -x "$PY" ] || { echo "error: no python at $PY (set VPNS_PYTHON)" >&2; exit 2; }
 [ "$(id -u)" = 0 ] || { echo "error: run as root (a loopback sshd logs in as root)" >&2; exit 2; }
+# Ray's sockets live in DIR/ray/session_<40 chars>/sockets/...: a Unix socket path has 107 bytes.
+[ ${#DIR} -le 40 ] || { echo "error: $DIR: at most 40 characters (Ray's socket paths)" >&2; exit 2; }
 if [ -e "$DIR" ]; then
-  if $HELPER leftovers "$DIR" >/dev/null; then
-    rm -rf "$DIR"
+  if [ -n "$(ls -A "$DIR")" ] && [ ! -e "$DIR/local.yaml" ]; then
+    echo "error: $DIR exists and is not a local cluster's folder; not removing it" >&2; exit 2
+  elif $HELPER leftovers "$DIR" >/dev/null; then
+    rm -rf "$DIR"  # the last run's
   else
     echo "error: a cluster of $DIR is running:" >&2; $HELPER leftovers "$DIR" >&2 || true; exit 2
   fi
@@ -61,8 +69,10 @@ fi
 
 cleanup() {
   rc=$?
-  trap - EXIT INT TERM
+  trap - EXIT
+  trap '' INT TERM  # a second Ctrl-C must not cut the cleanup short
   set +e  # clean up as much as possible, whatever fails
+  [ -n "$child" ] && kill "$child" 2>/dev/null && wait "$child" 2>/dev/null
   if [ "$cluster_started" = 1 ]; then
     t0=$(now)
     # `ray down` runs `ray stop` on the head: there, `ray` is local_cluster.py's shim, which
@@ -82,7 +92,7 @@ cleanup() {
   exit "$rc"
 }
 trap cleanup EXIT
-trap 'exit 130' INT TERM
+trap 'echo "interrupted"; exit 130' INT TERM
 
 mkdir -p "$DIR/ssh" "$DIR/launcher"
 chmod 700 "$DIR"
@@ -101,7 +111,7 @@ echo "sshd: pid $(cat "$DIR/ssh/sshd.pid") on 127.0.0.1:$SSH_PORT (config $DIR/s
 echo "ray up: $YAML (log $DIR/up.log)"
 t0=$(now)
 cluster_started=1
-"${LAUNCH[@]}" up -y --no-config-cache --disable-usage-stats "$YAML" > "$DIR/up.log" 2>&1 \
+step "$DIR/up.log" "${LAUNCH[@]}" up -y --no-config-cache --disable-usage-stats "$YAML" \
   || { echo "ray up failed:"; tail -20 "$DIR/up.log"; exit 1; }
 t_up=$(since "$t0")
 echo "cluster up: ${t_up} s"
@@ -111,7 +121,7 @@ sweep="cd $REPO && $PY sweeps/ablation_pad.py --preset tiny --seeds 7 --address 
 --storage-path $DIR/sweeps --tracking-uri sqlite:///$DIR/mlflow.db"
 echo "ray exec: $sweep (log $DIR/sweep.log)"
 t0=$(now)
-"${LAUNCH[@]}" exec --no-config-cache "$YAML" "$sweep" > "$DIR/sweep.log" 2>&1 \
+step "$DIR/sweep.log" "${LAUNCH[@]}" exec --no-config-cache "$YAML" "$sweep" \
   || { echo "sweep failed:"; tail -20 "$DIR/sweep.log"; exit 1; }
 t_sweep=$(since "$t0")
 echo "sweep: ${t_sweep} s; $(grep -E '^\[ablation_pad-tiny-[^]]*\] [0-9]+ trials' "$DIR/sweep.log" | cut -c1-160)"

@@ -80,6 +80,11 @@ def render(cluster_dir: str, ssh_port: int, base: int = PORT_BASE,
         f"export PATH={root}/home/bin:{venv_bin}:$PATH\n"
         f"export PYTHONPATH={REPO}\n"
         f"export RAY_ADDRESS=127.0.0.1:{ports(base)['PORT_GCS']}\n")
+    # Not `exec nc`: the shell stays, its command line naming the folder, so that a proxy left by
+    # an ssh ControlMaster is found as its child.
+    proxy = root / "ssh" / "proxy"
+    proxy.write_text(f'#!/bin/sh\nnc "$1" {ssh_port}\n')
+    proxy.chmod(proxy.stat().st_mode | stat.S_IXUSR)
     shim = root / "home" / "bin" / "ray"
     shim.write_text(
         "#!/bin/sh\n"
@@ -150,14 +155,19 @@ def _sshd(cluster_dir: str) -> dict[int, str]:
     return {pid: procs[pid][2] for pid in sorted(pids) if procs[pid][1] != "Z"}
 
 
-def _terminate(pids: set[int], grace: float) -> None:
-    """SIGTERM, then SIGKILL for what is still alive (and no zombie) after ``grace`` seconds."""
-    def alive() -> set[int]:
+def _terminate(pids: set[int], grace: float) -> dict[int, str]:
+    """SIGTERM, then SIGKILL for what is still alive (and no zombie) after ``grace`` seconds;
+    returns those that needed the SIGKILL (pid -> command line)."""
+    def alive() -> dict[int, str]:
         procs = _processes()
-        return {pid for pid in pids if pid in procs and procs[pid][1] != "Z"}
+        return {pid: procs[pid][2] for pid in pids if pid in procs and procs[pid][1] != "Z"}
 
+    killed = {}
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in alive():
+        targets = alive()
+        if sig == signal.SIGKILL:
+            killed = targets
+        for pid in targets:
             try:
                 os.kill(pid, sig)
             except OSError:
@@ -165,41 +175,57 @@ def _terminate(pids: set[int], grace: float) -> None:
         deadline = time.monotonic() + grace
         while alive() and time.monotonic() < deadline:
             time.sleep(0.2)
+    return killed
 
 
 def stop(cluster_dir: str, grace: float = 10.0) -> int:
     """Stop this cluster's Ray processes (``ray stop`` for this cluster only); how many."""
-    pids = set(cluster_processes(cluster_dir))
-    _terminate(pids, grace)
-    return len(pids)
+    procs = cluster_processes(cluster_dir)
+    # In ray stop's order: the raylet, then the rest (agents, workers, dashboard, monitors), the
+    # GCS last; a GCS stopped before its raylet hangs on SIGTERM until SIGKILL.
+    gcs = {pid for pid, cmd in procs.items() if "gcs_server" in cmd.split(" ")[0]}
+    raylet = {pid for pid, cmd in procs.items() if cmd.split(" ")[0].endswith("/raylet")}
+    for bucket in (raylet, set(procs) - raylet - gcs, gcs):
+        for pid, cmd in _terminate(bucket, grace).items():
+            print(f"SIGKILL after {grace:g} s: {pid} {cmd[:120]}", file=sys.stderr)
+    return len(procs)
 
 
 def stop_all(cluster_dir: str, grace: float = 5.0) -> int:
     """Stop the cluster's Ray, then every other process that names ``cluster_dir`` (Ray's ssh
     ControlMaster clients, their ``nc`` proxies) and the loopback sshd with its sessions."""
     count = stop(cluster_dir)
-    pids = set(cluster_processes(cluster_dir, pattern=cluster_dir.rstrip("/") + "/")) | set(_sshd(cluster_dir))
+    pids = set(_others(cluster_dir))
     _terminate(pids, grace)
-    _remove_ssh_control_dir()
+    try:
+        Path(ssh_control_dir()).rmdir()
+    except OSError:
+        pass  # absent, or a socket of another process is left there
     return count + len(pids)
 
 
-def _remove_ssh_control_dir(cluster_name: str = "vpns-local") -> None:
-    """Ray's ssh ControlMaster sockets live in /tmp/ray_ssh_<hash(user)>/<hash(cluster name)>
-    (command_runner.SSHCommandRunner); the cluster's own subfolder goes once its clients are."""
+def ssh_control_dir(cluster_name: str = "vpns-local") -> str:
+    """Where Ray keeps the cluster's ssh ControlMaster sockets (command_runner.SSHCommandRunner):
+    /tmp/ray_ssh_<hash(user)>/<hash(cluster name)>. A master renames itself to
+    ``ssh: <that folder>/<hash> [mux]``, so it is found by this folder, not by the cluster's."""
     import getpass
     import hashlib
     user, name = (hashlib.sha256(v.encode()).hexdigest()[:10] for v in (getpass.getuser(), cluster_name))
-    try:
-        Path(f"/tmp/ray_ssh_{user}/{name}").rmdir()
-    except OSError:
-        pass  # absent, or another process of this cluster name still has a socket there
+    return f"/tmp/ray_ssh_{user}/{name}"
+
+
+def _others(cluster_dir: str) -> dict[int, str]:
+    """The cluster's processes besides Ray: those naming its folder (ssh clients, the proxy
+    scripts and their nc), its ssh ControlMasters, the loopback sshd and its sessions."""
+    return {**cluster_processes(cluster_dir, pattern=cluster_dir.rstrip("/") + "/"),
+            **cluster_processes(cluster_dir, pattern=f"ssh: {ssh_control_dir()}/"),
+            **_sshd(cluster_dir)}
 
 
 def leftovers(cluster_dir: str) -> list[str]:
     """``pid cmdline`` of every live process that names ``cluster_dir`` (Ray, ssh clients) and
     of the loopback sshd with its sessions."""
-    found = {**cluster_processes(cluster_dir, pattern=cluster_dir.rstrip("/") + "/"), **_sshd(cluster_dir)}
+    found = {**cluster_processes(cluster_dir), **_others(cluster_dir)}
     return [f"{pid} {cmd[:200]}" for pid, cmd in sorted(found.items())]
 
 

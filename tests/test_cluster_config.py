@@ -57,7 +57,7 @@ def test_local_yaml_renders_to_a_valid_isolated_config(tmp_path):
     validate_config(prepare_config(config))
     assert config["provider"] == {"type": "local", "head_ip": "127.0.0.1", "worker_ips": []}
     assert config["auth"]["ssh_private_key"] == f"{tmp_path}/ssh/user_key"
-    assert config["auth"]["ssh_proxy_command"] == "nc %h 26310"  # the schema has no ssh port
+    assert config["auth"]["ssh_proxy_command"] == f"{tmp_path}/ssh/proxy %h"  # the schema has no ssh port
     commands = _all_commands(config)
     assert not any(re.search(r"(^|[;&|]\s*|/)ray stop", cmd) for cmd in commands)
     start = next(cmd for cmd in commands if " start --head" in cmd)
@@ -76,6 +76,7 @@ def test_rendered_head_home_routes_ray_stop_to_this_cluster(tmp_path):
     assert f"export PATH={tmp_path}/home/bin:" in bashrc
     assert f"RAY_ADDRESS=127.0.0.1:{local_cluster.ports()['PORT_GCS']}" in bashrc
     assert f"SetEnv HOME={tmp_path}/home" in (tmp_path / "ssh" / "sshd_config").read_text()
+    assert (tmp_path / "ssh" / "proxy").read_text().endswith('nc "$1" 26310\n')
     out = subprocess.run([str(tmp_path / "home" / "bin" / "ray"), "stop"], capture_output=True,
                          text=True, timeout=60, check=True).stdout
     assert out.strip() == f"stopped 0 Ray processes of {tmp_path}/ray"
@@ -110,7 +111,7 @@ def test_stop_hits_the_clusters_processes_and_their_children_only(tmp_path):
                                              or shutil.which("apt-get")),
                     reason="needs root and openssh-server (or apt-get to install it)")
 def test_local_ray_up_runs_a_sweep_and_leaves_nothing_behind():
-    """cluster/check_local_cluster.sh end to end (about 1.5 minutes on 2 CPUs): `ray up`, the tiny
+    """cluster/check_local_cluster.sh end to end (about a minute on 2 CPUs): `ray up`, the tiny
     pad ablation with --address auto on the cluster, its trials and MLflow runs, `ray down`, no
     process left."""
     cluster_dir = tempfile.mkdtemp(prefix="vpns-lc-", dir="/tmp")  # short: Ray's socket paths
