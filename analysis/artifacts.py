@@ -68,11 +68,14 @@ def prompt_images(runs: Runs, limit: int = 64) -> tuple[list[PromptImage], str]:
                 images.append(PromptImage(row, Path(path).read_bytes()))
             except Exception:  # noqa: BLE001 - a missing artifact is reported, not fatal
                 failed += 1
+                if failed == 3 and not images:  # the store is down: don't wait on every image
+                    break
     notes = []
     if len(wanted) > limit:
         notes.append(f"showing {limit} of {len(wanted)} prompts")
     if failed:
-        notes.append(f"{failed} prompt image(s) could not be read from MLflow")
+        unread = failed if images or failed < 3 else len(wanted.head(limit)) - len(images)
+        notes.append(f"{unread} prompt image(s) could not be read from MLflow")
     return images, "; ".join(notes)
 
 

@@ -36,16 +36,22 @@ from search_spaces import base as base_presets, learning_rates
 from search_spaces.points import (check_points, driver_config, listed_axes, longest_first,
                                   named_points, point_configs)
 from sweeps.code_version import git_commit
-from sweeps.flags import DEFINING, USER_ERRORS, build_parser, parse_overrides, runtime_fields
+from sweeps.flags import DEFINING, RESULTS, USER_ERRORS, build_parser, parse_overrides, runtime_fields
 from sweeps.preflight import (UsageError, check_address, check_cluster_resources, check_flags,
                               check_folder, check_local_resources, check_set_against_points,
                               check_tracking_uri, read_sweep_json)
 from sweeps.resources import check_resources, prepare_resources
 from sweeps.results import Phase, collect, export_parquet, print_results, result_table
 from sweeps.schedulers import tune_axis, tune_config
-from sweeps.tracking import MLflowTracker, open_mlflow
+from sweeps.tracking import MLflowTracker, failure_reason, open_mlflow, ui_link
 from sweeps.trainable import trainable
 from vpns_core.checkpoint import atomic_write
+
+
+#: exit status of a sweep whose trials all ran but whose MLflow runs are incomplete (the tracking
+#: server went away): the results are safe in Tune's storage and the Parquet export, and
+#: ``--resume NAME`` back-fills MLflow once the server answers
+UNLOGGED = 3
 
 
 class SweepInterrupted(Exception):
@@ -63,6 +69,8 @@ class Sweep:
     parent_run_id: str = ""
     default_samples: int = 8  # Optuna trials when --num-samples is not given (per script)
     phases: list[Phase] = field(default_factory=list)
+    run_ids: dict[str, str] = field(default_factory=dict)  # trial id -> its MLflow run
+    unlogged: dict[str, str] = field(default_factory=dict)  # trial id -> why MLflow lacks it
     #: a dry run checks every phase's space (points, --set, data, weights, ASHA's rungs) and runs
     #: nothing; a plan that needs a phase's results to build the next stops after that phase
     dry_run: bool = False
@@ -143,6 +151,9 @@ class Sweep:
         except tune.TuneError as err:  # e.g. "trials did not complete": the records say which
             print(f"[{self.name}] Tune reported: {err}", file=sys.stderr)
         records = collect(path, name, points)
+        run_ids, unlogged = tracker.backfill(path, records)
+        self.run_ids.update(run_ids)
+        self.unlogged.update(unlogged)
         phase = Phase(name, order, records,
                       complete=all(r["status"] in ("TERMINATED", "ERROR") for r in records))
         self.phases.append(phase)
@@ -194,8 +205,10 @@ def run_sweep(script: str, plan: Callable[[Sweep], None], argv: list[str] | None
             else:
                 ray.init(include_dashboard=False)  # nothing listens beyond this machine
         open_mlflow(sweep)
+        link = ui_link(args.tracking_uri, sweep.experiment_id)
         print(f"[{sweep.name}] {args.search} search, {args.scheduler} scheduler, preset "
-              f"{args.preset}; results in {sweep.dir}; MLflow {args.tracking_uri}", flush=True)
+              f"{args.preset}; results in {sweep.dir}; MLflow {args.tracking_uri}"
+              + (f" (UI: {link})" if link else ""), flush=True)
         ran = True
         try:
             plan(sweep)
@@ -297,30 +310,54 @@ def _create_sweep(script: str, args: argparse.Namespace, name: str, resuming: bo
 
 
 def _finish(sweep: Sweep, elapsed: float) -> int:
-    from mlflow.tracking import MlflowClient
-
+    """Export, print and draw the sweep's results, log them to its parent run and return the exit
+    status: 130 interrupted, :data:`UNLOGGED` if MLflow lacks some of it, 1 if a trial failed."""
     import analysis
 
-    client = MlflowClient(sweep.args.tracking_uri)
-    children = client.search_runs([sweep.experiment_id], max_results=10000,
-                                  filter_string=f"tags.sweep = '{sweep.name}' and tags.role = 'trial'")
-    run_ids = {run.data.tags.get("trial_id"): run.info.run_id for run in children}
-    trials_path, epochs_path = export_parquet(sweep, run_ids)
+    trials_path, epochs_path = export_parquet(sweep, sweep.run_ids)
     rows = [row for phase in sweep.phases for row in result_table(phase)]
     print_results(sweep, rows)
     outputs = analysis.sweep_figure(sweep.script, rows, trials_path, epochs_path, sweep.dir)
     failed = sum(r["status"] == "ERROR" for p in sweep.phases for r in p.records)
     complete = all(p.complete for p in sweep.phases)
-    for path in (trials_path, epochs_path, *outputs):
-        client.log_artifact(sweep.parent_run_id, str(path))
-    client.log_metric(sweep.parent_run_id, "failed_trials", failed)
-    client.log_metric(sweep.parent_run_id, "sweep_wall_time_s", elapsed)
-    client.set_terminated(sweep.parent_run_id, status="FINISHED" if complete else "KILLED")
-    print(f"\n[{sweep.name}] {sum(len(p.records) for p in sweep.phases)} trials, {failed} failed, "
+    parent_error = _log_parent(sweep, [trials_path, epochs_path, *outputs], failed, elapsed, complete)
+    total = sum(len(p.records) for p in sweep.phases)
+    print(f"\n[{sweep.name}] {total} trials, {failed} failed, "
           f"{elapsed:.0f} s. Parquet: {trials_path}, {epochs_path}; outputs: "
           f"{', '.join(map(str, outputs))}; MLflow experiment '{sweep.script}' at "
           f"{sweep.args.tracking_uri}", flush=True)
+    resume = f"python sweeps/{sweep.script}.py --resume {sweep.name}"
+    if Path(sweep.args.storage_path).expanduser().resolve() != RESULTS / "sweeps":
+        resume += f" --storage-path {sweep.args.storage_path}"
+    if sweep.unlogged or parent_error:
+        reasons = sorted(set(sweep.unlogged.values()) | ({parent_error} if parent_error else set()))
+        parts = [f"{len(sweep.unlogged)} of {total} trial runs"] if sweep.unlogged else []
+        parts += ["the parent run's results"] if parent_error else []
+        print(f"[{sweep.name}] MLflow is incomplete: {' and '.join(parts)} could not be logged to "
+              f"{sweep.args.tracking_uri} ({'; '.join(reasons)}). No result is lost: Tune's "
+              f"storage and {trials_path.name} hold every trial. Once the server answers, "
+              f"back-fill with:  {resume}", flush=True)
+        if sweep.unlogged:
+            print(f"[{sweep.name}] trials missing from MLflow: {', '.join(sorted(sweep.unlogged))}",
+                  flush=True)
     if not complete:
-        print(f"interrupted: continue with  python sweeps/{sweep.script}.py --resume {sweep.name}")
+        print(f"interrupted: continue with  {resume}")
         return 130
+    if sweep.unlogged or parent_error:
+        return UNLOGGED
     return 1 if failed else 0
+
+
+def _log_parent(sweep: Sweep, paths: list[Path], failed: int, elapsed: float, complete: bool) -> str:
+    """The sweep's files and totals on its parent run; the reason if MLflow refused them."""
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(sweep.args.tracking_uri)
+    try:
+        for path in paths:
+            client.log_artifact(sweep.parent_run_id, str(path))
+        client.log_metric(sweep.parent_run_id, "failed_trials", failed)
+        client.log_metric(sweep.parent_run_id, "sweep_wall_time_s", elapsed)
+        client.set_terminated(sweep.parent_run_id, status="FINISHED" if complete else "KILLED")
+    except Exception as err:  # noqa: BLE001 - the results are on disk; report, don't crash
+        return failure_reason(err)
+    return ""
