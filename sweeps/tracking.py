@@ -17,7 +17,7 @@ from ray import tune
 
 from search_spaces.points import driver_config, resolve
 from sweeps.code_version import git_commit
-from sweeps.trainable import FINAL
+from sweeps.trainable import FINAL, PLACEMENT
 from vpns_core.config import Config
 
 if TYPE_CHECKING:
@@ -130,19 +130,21 @@ class MLflowTracker(tune.Callback):
         self._run(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric, RunTag
         state = self._run(trial)
         now = int(time.time() * 1000)
         epoch = int(result.get("epoch", 0))
+        tags = [RunTag(k, str(result[k])) for k in PLACEMENT if result.get(k) not in (None, "")]
         if result.get("final"):
             if not state.final:
                 values = {k: v for k, v in _numeric(result).items() if k.startswith(FINAL_PREFIXES)}
                 values["final_epoch"] = epoch
-                self.client.log_batch(state.run_id, metrics=[Metric(k, v, now, epoch) for k, v in values.items()])
+                self.client.log_batch(state.run_id, metrics=[Metric(k, v, now, epoch) for k, v in values.items()],
+                                      tags=tags)
                 state.final = True
         elif epoch > state.last_epoch:
             metrics = [Metric(k, v, now, epoch) for k, v in _numeric(result).items()]
-            self.client.log_batch(state.run_id, metrics=metrics)
+            self.client.log_batch(state.run_id, metrics=metrics, tags=tags)
             state.last_epoch = epoch
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info) -> None:
