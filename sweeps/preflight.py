@@ -53,7 +53,13 @@ def check_flags(args: argparse.Namespace) -> None:
 
 def check_local_resources(args: argparse.Namespace) -> None:
     """A local Ray has this machine's CPUs and GPUs: a trial that asks for more would wait for
-    ever ("no node can fulfil this request")."""
+    ever ("no node can fulfil this request"). A Ray session this process already joined (a
+    cluster of several nodes, as in tests/test_multinode.py) is what the sweep runs on: its
+    resources count, GPUs a node declares included."""
+    import ray
+    if ray.is_initialized():
+        check_cluster_resources(args, ray.cluster_resources())
+        return
     if args.address:
         return  # a cluster's resources are checked once joined (check_cluster_resources)
     import torch
@@ -67,11 +73,12 @@ def check_local_resources(args: argparse.Namespace) -> None:
 
 def check_cluster_resources(args: argparse.Namespace, resources: dict[str, float]) -> None:
     """Per-trial resources against what the joined cluster has in all."""
+    where = f"at {args.address}" if args.address else "this process is connected to"
     for flag, key, value in (("--cpus-per-trial", "CPU", args.cpus_per_trial),
                              ("--gpus-per-trial", "GPU", args.gpus_per_trial)):
         have = resources.get(key, 0.0)
         if value > have:
-            raise UsageError(f"{flag} {value:g}: the cluster at {args.address} has {have:g} {key}s "
+            raise UsageError(f"{flag} {value:g}: the cluster {where} has {have:g} {key}s "
                              f"in all, so no trial could ever start")
 
 

@@ -14,6 +14,7 @@ from search_spaces.points import resolve
 from sweeps.flags import METRIC
 from sweeps.text_table import print_table
 from sweeps.tracking import FINAL_PREFIXES, TUNE_KEYS, error_text
+from sweeps.trainable import PLACEMENT
 from vpns_core.checkpoint import atomic_write
 from vpns_core.stats import mean_std, pick
 
@@ -88,6 +89,9 @@ def export_parquet(sweep: Sweep, run_ids: dict[str, str]) -> tuple[Path, Path]:
                    "error": r["error"], "num_failures": r["num_failures"],
                    "mlflow_run_id": run_ids.get(r["trial_id"]), "epochs_done": last.get("epoch"),
                    "wall_time_s": last.get("wall_time_s")}
+            # where it ran: the node it finished on (or stopped on) and every attempt's node
+            ended = r["final"] or last
+            row.update({k: ended.get(k) for k in PLACEMENT})
             row.update({f"axis.{k}": str(v) for k, v in r["tune_config"].items()
                         if k in phase.axes})
             row.update({f"config.{k}": _cell(v) for k, v in r["config"].items()})

@@ -24,7 +24,7 @@ from ray import tune
 
 from search_spaces.points import driver_config, resolve
 from sweeps.code_version import git_commit
-from sweeps.trainable import FINAL
+from sweeps.trainable import FINAL, PLACEMENT
 from vpns_core.config import Config
 
 if TYPE_CHECKING:
@@ -103,6 +103,13 @@ class _RunState:
     final: bool = False
     artifacts: bool = False
     closed: bool = False  # FINISHED with its final metrics: a re-reported end leaves it alone
+
+
+def placement_tags(result: dict[str, Any]) -> list:
+    """Where a trial ran (node, host, GPUs, device; see ``sweeps.trainable.PLACEMENT``) as the
+    run's tags, from one of its reports."""
+    from mlflow.entities import RunTag
+    return [RunTag(k, str(result[k])) for k in PLACEMENT if result.get(k) not in (None, "")]
 
 
 class MLflowTracker(tune.Callback):
@@ -235,7 +242,7 @@ class MLflowTracker(tune.Callback):
                 state.final = True
         elif epoch > state.last_epoch:
             metrics = [Metric(k, v, now, epoch) for k, v in _numeric(result).items()]
-            self.client.log_batch(state.run_id, metrics=metrics)
+            self.client.log_batch(state.run_id, metrics=metrics, tags=placement_tags(result))
             state.last_epoch = epoch
 
     def _log_final(self, run_id: str, result: dict[str, Any], stamp: int) -> None:
@@ -243,7 +250,8 @@ class MLflowTracker(tune.Callback):
         epoch = int(result.get("epoch", 0))
         values = {k: v for k, v in _numeric(result).items() if k.startswith(FINAL_PREFIXES)}
         values["final_epoch"] = epoch
-        self.client.log_batch(run_id, metrics=[Metric(k, v, stamp, epoch) for k, v in values.items()])
+        self.client.log_batch(run_id, metrics=[Metric(k, v, stamp, epoch) for k, v in values.items()],
+                              tags=placement_tags(result))
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info) -> None:
         self._guarded(trial, self._log_checkpoint, trial, checkpoint)

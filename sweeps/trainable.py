@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import shutil
+import socket
 import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +24,20 @@ from ray import tune
 from search_spaces.points import resolve
 from sweeps.flags import METRIC
 from vpns_core.config import Config
+from vpns_core.errors import ConfigError
 
 CHECKPOINT = "checkpoint.pt"
 FINAL = "final.json"
+NODES = "nodes.txt"  # in every reported checkpoint: the nodes the trial's attempts ran on
+#: Where and on what a trial ran, in every report (strings): trial columns in trials.parquet and
+#: tags of its MLflow run. ``hostname`` is Tune's own (it fills it into every result); ``nodes``
+#: lists the node of every attempt in order, so a trial resumed elsewhere names both; the others
+#: are the last attempt's. ``device_fallback`` is empty unless a trial was given a GPU it could
+#: not use (see :func:`place`).
+PLACEMENT = ("node_id", "hostname", "nodes", "gpu_ids", "device", "device_fallback",
+             "started_at", "ended_at")
+
+log = logging.getLogger(__name__)
 
 
 def trainable(config: dict[str, Any], points: dict[str, dict] | None = None) -> None:
@@ -31,17 +45,26 @@ def trainable(config: dict[str, Any], points: dict[str, dict] | None = None) -> 
     ``tune.get_checkpoint()``, and end with one ``final`` report carrying the selected
     accuracies and the artifacts (masks, layer stats, prompt PNG, exported model)."""
     cfg = Config.from_dict(resolve(config, points))
-    cap_gpu_memory(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0), cfg.device)
+    context = ray.get_runtime_context()
+    node_id = context.get_node_id()
+    gpu_ids = ray.get_gpu_ids()  # Ray also set CUDA_VISIBLE_DEVICES to them
+    device, fallback = place(cfg.device, gpu_ids, torch.cuda.is_available(), node_id)
+    placement = {"node_id": node_id, "gpu_ids": ",".join(map(str, gpu_ids)),
+                 "device": device, "device_fallback": fallback, "started_at": _now()}
+    cap_gpu_memory(context.get_assigned_resources().get("GPU", 0.0), cfg.device)
     # Scratch space outside Tune's trial folder, which Tune copies to storage wholesale; what
     # must survive goes into the reported checkpoints. A leftover of a dead attempt is stale:
-    # Tune's latest checkpoint is the truth.
-    scratch = Path(os.environ.get("VPNS_SCRATCH", tempfile.gettempdir())) / "vpns-trials" / \
+    # Tune's latest checkpoint is the truth. Each attempt has its own folder: the worker of a
+    # node whose raylet died keeps running its epoch (Ray does not stop it), and where it shares
+    # the disk with the retry (nodes on one machine, a shared VPNS_SCRATCH) it must not write
+    # into the retry's files.
+    folder = Path(os.environ.get("VPNS_SCRATCH", tempfile.gettempdir())) / "vpns-trials" / \
         tune.get_context().get_trial_id()
-    shutil.rmtree(scratch, ignore_errors=True)
+    shutil.rmtree(folder, ignore_errors=True)
     try:
-        _train(cfg, scratch)
+        _train(cfg, folder / f"{node_id[:8]}-{os.getpid()}", placement)
     finally:  # also when ASHA stops the trial (SystemExit inside tune.report)
-        shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
         if cfg.device != "cpu" and torch.cuda.is_available():
             torch.cuda.empty_cache()  # a reused actor's next trial starts with the GPU's memory free
 
@@ -55,13 +78,44 @@ def cap_gpu_memory(share: float, device: str) -> float | None:
     return share
 
 
-def _train(cfg: Config, scratch: Path) -> None:
+def place(device: str, gpu_ids: list, cuda: bool, node_id: str = "") -> tuple[str, str]:
+    """The device a trial trains on, and why it is not the GPU Ray gave it (else ``""``).
+
+    A trial that Ray gave GPUs (``--gpus-per-trial``) on a node where CUDA is absent (a node that
+    declares GPUs it lacks, a driver too old for this torch build): with ``device="cuda"``, what a
+    sweep with ``--gpus-per-trial`` sets, it is refused here, at its start, before any data is
+    read; with ``device="auto"`` (``--set device=auto``) it trains on the CPU after a logged
+    warning, and the reason is reported (``device_fallback``, an MLflow tag and a trial column).
+
+    Raises:
+        ConfigError: ``device`` is ``cuda``, Ray assigned GPUs and CUDA is not available.
+    """
+    if not gpu_ids or cuda or device == "cpu":  # "cpu": asked for, whatever Ray reserved
+        return (("cuda" if cuda else "cpu") if device == "auto" else device), ""
+    why = (f"Ray assigned GPU {','.join(map(str, gpu_ids))} to this trial on node {node_id} "
+           f"({socket.gethostname()}), but CUDA is not available there (torch {torch.__version__}, "
+           f"CUDA build {torch.version.cuda}, CUDA_VISIBLE_DEVICES="
+           f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}): the node declares GPUs it does "
+           f"not have, or its NVIDIA driver is too old for this torch build")
+    if device == "cuda":
+        raise ConfigError(f"device: {why}. Fix the node, or train on the CPU: --gpus-per-trial 0, "
+                          f"or --set device=auto to fall back to the CPU with a warning")
+    log.warning("GPU FALLBACK: %s; this trial trains on the CPU (--set device=auto)", why)
+    return "cpu", why
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+def _train(cfg: Config, scratch: Path, placement: dict[str, str]) -> None:
     from vpns_core.train import run_trial
 
     workdir = scratch / "work"
     workdir.mkdir(parents=True)
     planned = cfg.total_epochs  # ASHA never stops a trial at its last epoch
     resume = False
+    nodes = [placement["node_id"]]
     restored = tune.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as folder:
@@ -70,19 +124,25 @@ def _train(cfg: Config, scratch: Path) -> None:
                 _report_final(json.loads((folder / FINAL).read_text()), folder, scratch)
                 return
             shutil.copyfile(folder / CHECKPOINT, workdir / CHECKPOINT)
+            if (folder / NODES).is_file():  # one entry per attempt that reported
+                nodes = (folder / NODES).read_text().split(",") + nodes
             resume = True
+    placement = {**placement, "nodes": ",".join(nodes)}
+    (scratch / NODES).write_text(placement["nodes"])
 
     def report(metrics: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory(dir=scratch, prefix="report-") as tmp:
             _link(workdir / CHECKPOINT, Path(tmp) / CHECKPOINT)
-            tune.report({**metrics, "planned_epochs": planned},
+            _link(scratch / NODES, Path(tmp) / NODES)
+            tune.report({**metrics, **placement, "planned_epochs": planned},
                         checkpoint=tune.Checkpoint.from_directory(tmp))
 
     # resume=False without a Tune checkpoint: an epoch Tune never saw must run (and report) again
     result = run_trial(cfg, workdir, reporter=report, resume=resume)
-    final = {**result.final, "final": 1, "planned_epochs": planned}
+    final = {**result.final, **placement, "ended_at": _now(), "final": 1, "planned_epochs": planned}
     final[METRIC] = final.get("selected_val_acc", final.get(METRIC))  # the selected model's
     write_artifacts(cfg, workdir, scratch / "final", final)
+    _link(scratch / NODES, scratch / "final" / NODES)
     shutil.rmtree(workdir)
     _report_final(final, scratch / "final", scratch)
 
