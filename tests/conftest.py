@@ -7,6 +7,8 @@ import os
 if os.environ.get("VPNS_TEST_CUDA") != "1":
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
+import pytest  # noqa: E402
+
 from vpns_core.config import Config  # noqa: E402  (after the CUDA setting above)
 
 #: the tiny task every end-to-end trial test runs: a tiny ResNet on 128 real Fashion-MNIST
@@ -20,3 +22,12 @@ TINY = dict(model="tiny_resnet", pretrained=False, dataset="fashion_mnist", trai
 def tiny(**changes) -> Config:
     """The tiny task's Config with ``changes``."""
     return Config(**{**TINY, **changes})
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One local Ray session per test module (starting Ray costs seconds)."""
+    import ray
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import ray
 from mlflow.tracking import MlflowClient
 
 import sweeps
@@ -17,13 +16,6 @@ from sweeps.sweep import run_sweep
 
 SCRIPTS = sorted(info.name for info in pkgutil.iter_modules(sweeps.__path__)  # a script has a plan
                  if hasattr(importlib.import_module(f"sweeps.{info.name}"), "plan"))
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import ray
 from mlflow.tracking import MlflowClient
 
 from sweeps import ablation_pad
@@ -67,13 +66,6 @@ def server(tmp_path_factory):
     server.start()
     yield server
     server.kill()
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
