@@ -110,7 +110,7 @@ def read_mlflow(experiment: str, sweep: str | None = None, tracking_uri: str | N
         if not parents:
             raise LookupError(f"experiment '{experiment}' has no sweep (no run tagged role=parent)")
         sweep = parents[0].data.tags["sweep"]
-    runs = _search_all(client, ids, f"tags.sweep = '{sweep}' and tags.role = 'trial'")
+    runs = search_all(client, ids, f"tags.sweep = '{sweep}' and tags.role = 'trial'")
     if not runs:
         raise LookupError(f"sweep '{sweep}' has no trial runs in experiment '{experiment}'")
     runs.sort(key=lambda r: (r.data.tags.get("phase", ""), r.data.tags.get("trial_id", "")))
@@ -129,7 +129,8 @@ def read_mlflow(experiment: str, sweep: str | None = None, tracking_uri: str | N
                 f"mlflow {uri} experiment {experiment} sweep {sweep}")
 
 
-def _search_all(client, ids: list[str], filter_string: str) -> list:
+def search_all(client, ids: list[str], filter_string: str) -> list:
+    """Every run of experiments ``ids`` matching ``filter_string``, all pages of the search."""
     runs, token = [], None
     while True:
         page = client.search_runs(ids, filter_string, max_results=1000, page_token=token)

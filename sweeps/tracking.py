@@ -337,15 +337,11 @@ class MLflowTracker(tune.Callback):
 
     def _phase_runs(self) -> dict[str, Any]:
         """This phase's trial runs by trial id (every page of the search)."""
-        runs, token = {}, None
+        from analysis.runs import search_all
         query = (f"tags.sweep = '{self.tags['sweep']}' and tags.phase = '{self.tags['phase']}' "
                  f"and tags.role = 'trial'")
-        while True:
-            page = self.client.search_runs([self.experiment_id], query, max_results=1000, page_token=token)
-            runs.update({run.data.tags.get("trial_id"): run for run in page})
-            token = page.token
-            if not token:
-                return runs
+        return {run.data.tags.get("trial_id"): run
+                for run in search_all(self.client, [self.experiment_id], query)}
 
     def _backfill_trial(self, trial, record: dict[str, Any], run, run_ids: dict[str, str]) -> None:
         from mlflow.entities import Metric
