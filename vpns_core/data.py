@@ -496,12 +496,17 @@ class DeviceBatches:
 
     def __init__(self, held: tuple[Tensor, Tensor], size: int, batch_size: int, *,
                  shuffle: bool = False, drop_last: bool = False,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, batch_sampler=None) -> None:
         self.images, self.labels = held
         self.size, self.batch_size = size, batch_size
         self.shuffle, self.drop_last, self.generator = shuffle, drop_last, generator
+        #: positions per batch instead of the loader's own order (a data-parallel rank's shard,
+        #: :class:`vpns_core.distributed.ShardedBatches`, which draws from ``generator`` itself)
+        self.batch_sampler = batch_sampler
 
     def __len__(self) -> int:
+        if self.batch_sampler is not None:
+            return len(self.batch_sampler)
         n = len(self.labels)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
@@ -511,6 +516,10 @@ class DeviceBatches:
         # workers' base seed, then RandomSampler's permutation (its own generator seeded from the
         # global one when the loader has none).
         torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+        if self.batch_sampler is not None:
+            for positions in self.batch_sampler:
+                yield self._batch(torch.tensor(positions, device=self.images.device))
+            return
         if self.shuffle:
             generator = self.generator
             if generator is None:
@@ -520,11 +529,13 @@ class DeviceBatches:
             order = torch.arange(n)
         order = order.to(self.images.device)
         for start in range(0, len(self) * self.batch_size, self.batch_size):
-            idx = order[start:start + self.batch_size]
-            x = self.images.index_select(0, idx)
-            if x.shape[-1] != self.size or x.shape[-2] != self.size:
-                x = F.resize(x, [self.size, self.size], antialias=True)
-            yield x.expand(-1, 3, -1, -1), self.labels.index_select(0, idx)
+            yield self._batch(order[start:start + self.batch_size])
+
+    def _batch(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        x = self.images.index_select(0, idx)
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            x = F.resize(x, [self.size, self.size], antialias=True)
+        return x.expand(-1, 3, -1, -1), self.labels.index_select(0, idx)
 
 
 def device_copy_bytes(split: Dataset) -> int | None:
@@ -538,20 +549,27 @@ def device_copy_bytes(split: Dataset) -> int | None:
 # ---------------------------------------------------------------- augmentation
 
 
-def random_crop_flip(x: Tensor, size: int, generator: torch.Generator | None = None) -> Tensor:
+def random_crop_flip(x: Tensor, size: int, generator: torch.Generator | None = None,
+                     draws: int | None = None, offset: int = 0) -> Tensor:
     """Random ``size`` x ``size`` crop plus horizontal flip (p = 0.5), independently per sample.
 
     ``x``: [B, C, H, W] of any dtype on any device; ``generator`` lives on ``x.device``. Returns
     [B, C, size, size]. Offsets are gathered with index tensors on the device: no host
-    synchronisation, so it queues asynchronously on a GPU.
+    synchronisation, so it queues asynchronously on a GPU. ``draws``/``offset``: ``x`` is rows
+    ``offset`` to ``offset + B`` of a batch of ``draws`` samples (a data-parallel rank's chunk of
+    the global batch); the crops and flips are drawn for the whole batch, so the ranks together
+    crop exactly as one process would.
     """
     b, c, h, w = x.shape
     if size > h or size > w:
         raise ValueError(f"size: crop {size} is larger than the images ({h}x{w})")
     dev = x.device
-    top = torch.randint(0, h - size + 1, (b, 1), generator=generator, device=dev)
-    left = torch.randint(0, w - size + 1, (b, 1), generator=generator, device=dev)
-    flip = torch.rand(b, 1, generator=generator, device=dev) < 0.5
+    n = b if draws is None else draws
+    top = torch.randint(0, h - size + 1, (n, 1), generator=generator, device=dev)
+    left = torch.randint(0, w - size + 1, (n, 1), generator=generator, device=dev)
+    flip = torch.rand(n, 1, generator=generator, device=dev) < 0.5
+    if draws is not None:
+        top, left, flip = (t[offset:offset + b] for t in (top, left, flip))
     ar = torch.arange(size, device=dev)
     rows = top + ar  # [B, size]
     cols = left + torch.where(flip, size - 1 - ar, ar)  # flipped samples read columns backwards

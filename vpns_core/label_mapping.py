@@ -21,11 +21,24 @@ def frequency_label_mapping(source_pred: Tensor, target: Tensor, num_source: int
     Returns:
         ``[num_target]`` long tensor of distinct source classes.
     """
+    return greedy_mapping(label_counts(source_pred, target, num_source, num_target))
+
+
+def label_counts(source_pred: Tensor, target: Tensor, num_source: int, num_target: int) -> Tensor:
+    """``[num_target, num_source]`` float64 counts of (true target class, predicted source
+    class) pairs, on the CPU; counts of several shards add up to the counts of their union."""
     if num_target > num_source:
         raise ValueError(f"cannot map {num_target} target classes onto {num_source} source classes")
     counts = torch.zeros(num_target, num_source, dtype=torch.float64)
     counts.index_put_((target.long().cpu(), source_pred.long().cpu()),
                       torch.ones(len(target), dtype=torch.float64), accumulate=True)
+    return counts
+
+
+def greedy_mapping(counts: Tensor) -> Tensor:
+    """FLM's greedy one-to-one assignment from :func:`label_counts` (not modified)."""
+    counts = counts.clone()
+    num_target, num_source = counts.shape
     mapping = torch.full((num_target,), -1, dtype=torch.long)
     for _ in range(num_target):
         flat = int(torch.argmax(counts))

@@ -35,7 +35,9 @@ from .checkpoint import (CheckpointError, atomic_save, load_scaler_state, rng_st
 from .config import Config
 from .data import (DataSplits, DeviceBatches, build_data, device_copy_bytes, hold_on_device, random_crop_flip,
                    stratified_sample)
-from .label_mapping import LabelMap, frequency_label_mapping
+from .distributed import DataParallel, ShardedBatches, check_data_parallel, digest, sync_batchnorm
+from .errors import ConfigError
+from .label_mapping import LabelMap, frequency_label_mapping, greedy_mapping, label_counts
 from .masking import MaskedNetwork, plain_state_dict
 from .methods import METHODS
 from .models import (SourceModel, build_model, first_layer, head_layer, prefers_channels_last, replace_head,
@@ -112,11 +114,17 @@ class Trial:
         self.cfg = cfg
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self._eval_loaders: dict[int, DataLoader] = {}  # persistent evaluation loaders (_loader)
+        self._eval_loaders: dict[tuple[int, bool], DataLoader] = {}  # persistent evaluation loaders (loader)
         self._device_splits: dict[int, tuple[Tensor, Tensor]] = {}  # splits held on the device (loader)
         self.reporter = reporter or (lambda metrics: None)
         self.progress = progress
+        #: this process's rank in a data-parallel trial (None: a single process, the plain path)
+        self.dp = DataParallel.current()
+        if self.dp is not None:
+            check_data_parallel(cfg, self.dp.world)
         self.device = resolve_device(cfg.device)
+        if self.dp is not None and self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())  # the rank's own GPU
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         self.method = METHODS.get(cfg.method)
@@ -126,11 +134,17 @@ class Trial:
             cfg.dataset, cfg.data_root, cfg.input_size, train_subset=cfg.train_subset,
             test_subset=cfg.test_subset, val_fraction=cfg.val_fraction, data_seed=cfg.data_seed,
             download=cfg.download)
+        if self.dp is not None and len(self.data.train) < cfg.batch_size:
+            raise ConfigError(f"batch_size: {cfg.batch_size} is more than the {len(self.data.train)} "
+                              f"training images; a trial on {self.dp.world} workers needs at least "
+                              f"one full global batch")
         source: SourceModel = build_model(cfg.model, pretrained=cfg.pretrained,
                                           source_checkpoint=cfg.source_checkpoint)
         self.source = source
         self.model = source.module
         set_bn_momentum(self.model, cfg.bn_momentum)
+        if self.dp is not None:  # BatchNorm statistics over the global batch (see distributed.py)
+            self.model = sync_batchnorm(self.model)
         self.head_name, _ = head_layer(self.model)
         self.new_head: nn.Linear | None = None
         if cfg.head == "linear":
@@ -181,6 +195,7 @@ class Trial:
         self.wall_time = 0.0
         self.eval_time = 0.0  # validation, test and label mapping passes (cumulative)
         self._stage_step: StepFn | None = None
+        self._mean_loss: Tensor | None = None  # data-parallel: the ranks' mean loss of the last step
         self._after_backward: Callable[[], None] | None = None
         self.best: dict[str, Any] | None = None
         self.mapping_done = False
@@ -204,31 +219,47 @@ class Trial:
             return self.cfg.data_on_device
         return self.device.type == "cuda" and size <= _DEVICE_COPY_BYTES
 
-    def loader(self, dataset, train: bool, generator: torch.Generator | None = None) -> DataLoader:
+    def loader(self, dataset, train: bool, generator: torch.Generator | None = None,
+               shard: bool = True) -> DataLoader:
         """Batches of uint8 images and labels of ``dataset`` (a split of ``self.data``): shuffled
-        by ``generator`` to train, in order to evaluate; held on the device where it fits."""
+        by ``generator`` to train, in order to evaluate; held on the device where it fits.
+
+        In a data-parallel trial (``shard``), this rank's shard: its ``batch_size / N`` part of
+        every global training batch, or its part of every ``eval_batch_size * N`` images in
+        order (:class:`~vpns_core.distributed.ShardedBatches`). ``shard=False``: the whole split
+        on every rank (the same batches everywhere, e.g. a method's scoring batches)."""
         cfg = self.cfg
         batch_size = cfg.batch_size if train else cfg.eval_batch_size
         drop_last = train and len(dataset) >= cfg.batch_size
+        sampler = None
+        if self.dp is not None and shard:
+            local = self.dp.local_batch(batch_size) if train else batch_size
+            sampler = ShardedBatches(len(dataset), local, self.dp.rank, self.dp.world, shuffle=train,
+                                     drop_last=drop_last, generator=generator)
         if self._on_device(dataset):
             if id(dataset) not in self._device_splits:
                 self._device_splits[id(dataset)] = hold_on_device(dataset, self.device)
             return DeviceBatches(self._device_splits[id(dataset)], dataset.size, batch_size,
-                                 shuffle=train, drop_last=drop_last, generator=generator)
+                                 shuffle=train, drop_last=drop_last, generator=generator,
+                                 batch_sampler=sampler)
         workers = cfg.num_workers
         # Evaluation splits are read in a fixed order four times an epoch: keep their loaders and
         # worker processes (starting a loader's workers costs time each pass; benchmarks/input_pipeline.py).
         # Training loaders stay per epoch: their shuffling is seeded per epoch for exact resume.
         persistent = (workers > 0 and not train
                       and any(dataset is d for d in (self.data.train_eval, self.data.val, self.data.test)))
-        if persistent and id(dataset) in self._eval_loaders:
-            return self._eval_loaders[id(dataset)]
-        loader = DataLoader(
-            dataset, batch_size=batch_size, shuffle=train, drop_last=drop_last,
-            generator=generator, num_workers=workers, pin_memory=self.device.type == "cuda",
-            persistent_workers=persistent)
+        if persistent and (id(dataset), sampler is not None) in self._eval_loaders:
+            return self._eval_loaders[(id(dataset), sampler is not None)]
+        if sampler is not None:
+            loader = DataLoader(dataset, batch_sampler=sampler, generator=generator, num_workers=workers,
+                                pin_memory=self.device.type == "cuda", persistent_workers=persistent)
+        else:
+            loader = DataLoader(
+                dataset, batch_size=batch_size, shuffle=train, drop_last=drop_last,
+                generator=generator, num_workers=workers, pin_memory=self.device.type == "cuda",
+                persistent_workers=persistent)
         if persistent:
-            self._eval_loaders[id(dataset)] = loader
+            self._eval_loaders[(id(dataset), sampler is not None)] = loader
         return loader
 
     def to_device(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -271,6 +302,7 @@ class Trial:
         self.model.eval()
         correct = torch.zeros((), device=self.device)
         loss = torch.zeros((), device=self.device)
+        seen = 0
         with self.rng_untouched():
             for x, y in self.loader(dataset, train=False):
                 x, y = self.to_device(x, y)
@@ -278,7 +310,15 @@ class Trial:
                     logits = self.forward(x, prompted).float()
                 loss += F.cross_entropy(logits, y, reduction="sum")
                 correct += (logits.argmax(1) == y).sum()
+                seen += len(y)
         n = len(dataset)
+        if self.dp is not None:  # each rank evaluated its shard: sum, and every image counts once
+            totals = self.dp.sum(torch.stack([correct.double(), loss.double(),
+                                              torch.tensor(float(seen), device=self.device).double()]))
+            correct, loss, seen = totals[0], totals[1], int(totals[2].item())
+            if seen != n:
+                raise RuntimeError(f"evaluate: the {self.dp.world} ranks evaluated {seen} images of a "
+                                   f"split of {n}")
         return correct.item() / n, loss.item() / n
 
     def label_mapping_indices(self) -> np.ndarray:
@@ -312,10 +352,22 @@ class Trial:
                 with self.autocast():
                     preds.append(self.model(self.prompt(x, enabled=prompted)).argmax(1))
                 targets.append(y)
-        mapping = frequency_label_mapping(torch.cat(preds), torch.cat(targets),
-                                          self.source.num_source_classes, self.data.num_classes)
-        self.label_map.mapping.copy_(mapping.to(self.device))
-        return mapping
+        if self.dp is None:
+            mapping = frequency_label_mapping(torch.cat(preds), torch.cat(targets),
+                                              self.source.num_source_classes, self.data.num_classes)
+            self.label_map.mapping.copy_(mapping.to(self.device))
+            return mapping
+        # Each rank counted its shard of the mapping images; rank 0 maps the summed counts once
+        # and every rank takes its mapping.
+        empty = torch.zeros(0, dtype=torch.long, device=self.device)
+        counts = label_counts(torch.cat(preds) if preds else empty, torch.cat(targets) if targets else empty,
+                              self.source.num_source_classes, self.data.num_classes)
+        counts = self.dp.sum(counts.to(self.device)).cpu()
+        mapping = greedy_mapping(counts).to(self.device) if self.dp.is_main else \
+            torch.empty(self.data.num_classes, dtype=torch.long, device=self.device)
+        self.dp.broadcast_(mapping)
+        self.label_map.mapping.copy_(mapping)
+        return mapping.cpu()
 
     @torch.no_grad()
     def recalibrate_bn(self, prompted: bool) -> None:
@@ -329,7 +381,7 @@ class Trial:
             m.momentum = None  # cumulative average over the calibration batches
         self.model.train()
         with self.rng_untouched():
-            for i, (x, y) in enumerate(self.loader(self.data.train_eval, train=False)):
+            for i, (x, y) in enumerate(self.loader(self.data.train_eval, train=False, shard=False)):
                 if i >= self.cfg.bn_recalibrate_batches:
                     break
                 self.model(self.prompt(self.to_device(x, y)[0], enabled=prompted))
@@ -362,7 +414,7 @@ class Trial:
         from ``cfg.seed`` alone: the data of SNIP/GraSP-style scores."""
         batches: list[tuple[Tensor, Tensor]] = []
         gen = torch.Generator().manual_seed(self.cfg.seed)
-        for x, y in self.loader(self.data.train_eval, train=True, generator=gen):
+        for x, y in self.loader(self.data.train_eval, train=True, generator=gen, shard=False):
             if len(batches) == n:
                 break
             batches.append(self.to_device(x, y))
@@ -461,6 +513,10 @@ class Trial:
             self.mapping_done = True
         if recalibrate and start == 0:
             self.recalibrate_bn(prompted)
+        if self.dp is not None:  # every rank starts the stage from rank 0's state (DDP does the same)
+            self.dp.broadcast_state(self.model, self.prompt, self.label_map)
+            self.net.refresh(force=True)
+            self.dp.check_replicas(self.replica_digests(), f"at the start of {stage}")
         self._stage_step = step
         self._after_backward = after_backward
         for epoch in range(start, epochs):
@@ -471,6 +527,8 @@ class Trial:
             train_metrics = self._train_epoch(stage, epoch, opt, sched, prompted, steps_per_epoch)
             if cfg.lr_per_epoch:
                 sched.step()
+            if self.dp is not None:  # one model on every rank: checked, not assumed
+                self.dp.check_replicas(self.replica_digests(), f"after {stage} epoch {epoch + 1}")
             elapsed = time.perf_counter() - t0
             self.wall_time += elapsed
             metrics = self._epoch_metrics(stage, epoch, prompted, train_metrics, elapsed, lrs,
@@ -531,17 +589,26 @@ class Trial:
                 xp, yp = self.to_device(*prompted_batch)
                 self.train_step(opt, sched, xp, yp, prompted=True, scheduler_step=False)
             x, y = self.to_device(*batch)
-            x = random_crop_flip(x, cfg.input_size, augment)
+            if self.dp is None:
+                x = random_crop_flip(x, cfg.input_size, augment)
+            else:  # drawn for the whole global batch: this rank crops its rows of it
+                x = random_crop_flip(x, cfg.input_size, augment, draws=cfg.batch_size,
+                                     offset=self.dp.rank * len(y))
             loss, logits = self.train_step(opt, sched, x, y, prompted=prompted and not two_step,
                                       scheduler_step=per_step)
             loss_sum += loss.detach() * len(y)
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
-            if step % check_every == 0 and not torch.isfinite(loss):
-                raise NonFiniteLossError(f"loss became {loss.item()} at {stage} epoch {epoch} step {step}")
+            checked = loss if self.dp is None else self._mean_loss  # the same decision on every rank
+            if step % check_every == 0 and not torch.isfinite(checked):
+                raise NonFiniteLossError(f"loss became {checked.item()} at {stage} epoch {epoch} step {step}")
             if self.progress is not None:
                 self.progress({"stage": stage, "epoch": epoch + 1, "step": step + 1, "steps": steps,
                                "images": seen, "elapsed": time.perf_counter() - started})
+        if self.dp is not None:  # the epoch's numbers over all ranks' images
+            totals = self.dp.sum(torch.stack([loss_sum.double(), correct.double(),
+                                              torch.tensor(float(seen), device=self.device).double()]))
+            loss_sum, correct, seen = totals[0], totals[1], int(totals[2].item())
         if not torch.isfinite(loss_sum):
             raise NonFiniteLossError(f"loss became non-finite in {stage} epoch {epoch}")
         return {"train_loss": loss_sum.item() / max(1, seen), "train_acc": correct.item() / max(1, seen),
@@ -561,6 +628,8 @@ class Trial:
                 loss = F.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
+            if self.dp is not None:  # weights, scores, head and prompt: the ranks' mean gradient
+                self._mean_loss = self.dp.average_gradients(opt, loss)
             if self._after_backward is not None:
                 self.scaler.unscale_(opt)  # a no-op without fp16 loss scaling
                 self._after_backward()
@@ -652,6 +721,8 @@ class Trial:
         }
 
     def _save(self, stage: str, stage_epoch: int, opt, sched) -> None:
+        if self.dp is not None and not self.dp.is_main:
+            return  # rank 0 writes; every rank holds the same state
         atomic_save({
             "format": "vpns-trial-1",
             "config": self.cfg.to_dict(),
@@ -713,13 +784,25 @@ class Trial:
         else:
             self.resume_state = state
 
+    def replica_digests(self) -> dict[str, str]:
+        """Digests of what every rank of a data-parallel trial must hold identically: masks (top-k
+        of the current scores, or the fixed ones), thresholds, model parameters and buffers
+        (BatchNorm statistics, masks), prompt and label mapping."""
+        self.net.refresh()
+        masks = self.net.current_masks() if self.net.mode != "dense" else {}
+        thresholds = [m.weight_threshold for _, m in self.net.layers] if self.net.mode == "score" else []
+        return {"masks": digest(masks[n] for n in sorted(masks)), "thresholds": digest(thresholds),
+                "parameters": digest(self.model.parameters()), "buffers": digest(self.model.buffers()),
+                "prompt": digest(self.prompt.state_dict().values()),
+                "label_mapping": digest([self.label_map.mapping])}
+
     # --- method helpers ---------------------------------------------------------------------
 
     def first_images(self, n: int) -> Tensor:
         """The first ``n`` training images in evaluation order (test-time transform) on the
         device, e.g. to check that a change of the model kept its outputs; no effect on training."""
         with self.rng_untouched():
-            x, _ = next(iter(self.loader(self.data.train_eval, train=False)))
+            x, _ = next(iter(self.loader(self.data.train_eval, train=False, shard=False)))
         return self.to_device(x, torch.zeros(0, dtype=torch.long))[0][:n]
 
     def _load_mask_file(self) -> dict[str, Tensor]:
@@ -748,13 +831,16 @@ class Trial:
         return self.finish()
 
     def finish(self) -> TrialResult:
-        """Write masks, per-layer stats, the prompt image and the exported model; summarise."""
+        """Write masks, per-layer stats, the prompt image and the exported model; summarise.
+        In a data-parallel trial only rank 0 writes; every rank returns the same summary."""
+        writes = self.dp is None or self.dp.is_main
         stats = [dict(name=s.name, numel=s.numel, kept=s.kept, density=s.density, pruned=s.pruned)
                  for s in self.net.layer_stats()] if self.net.mode != "dense" else []
         masks = self.net.current_masks() if self.net.mode != "dense" else {}
-        atomic_save({"masks": {k: v.cpu() for k, v in masks.items()}, "model": self.cfg.model,
-                     "sparsity": self.cfg.sparsity}, self.workdir / "masks.pt")
-        (self.workdir / "layer_stats.json").write_text(json.dumps(stats, indent=1))
+        if writes:
+            atomic_save({"masks": {k: v.cpu() for k, v in masks.items()}, "model": self.cfg.model,
+                         "sparsity": self.cfg.sparsity}, self.workdir / "masks.pt")
+            (self.workdir / "layer_stats.json").write_text(json.dumps(stats, indent=1))
         best = getattr(self, "best_state", None)
         if best is None:
             self._keep_best()
@@ -767,7 +853,8 @@ class Trial:
                   "output_size": self.cfg.output_size, "mean": list(self.source.mean),
                   "std": list(self.source.std)}
         export.update(self.method.export_entries(self))
-        atomic_save(export, self.workdir / "model_export.pt")
+        if writes:
+            atomic_save(export, self.workdir / "model_export.pt")
         final = dict(self.history[-1]) if self.history else {}
         if self.best is not None:
             final.update({"selected_epoch": self.best["epoch"], "selected_val_acc": self.best["val_acc"],
