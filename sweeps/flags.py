@@ -64,10 +64,16 @@ def build_parser(script: str, doc: str | None, search: str, scheduler: str,
         help="continue an interrupted sweep (NAME, or the latest one of this script and preset); "
              "finished trials are not re-run")
     add("--name", default=None, help="sweep name (default <script>-<preset>-<time>)")
+    add("--workers-per-trial", type=int, default=int(os.environ.get("VPNS_WORKERS_PER_TRIAL", 1)),
+        help="data-parallel workers per trial (Ray Train; default $VPNS_WORKERS_PER_TRIAL or 1): "
+             "each trial trains on N processes at the same global batch; --cpus-per-trial and "
+             "--gpus-per-trial are then per worker. A resumed sweep may change it")
     add("--cpus-per-trial", type=float, default=float(os.environ.get("VPNS_CPUS_PER_TRIAL", 1)),
-        help="CPUs per trial, fractions allowed (default $VPNS_CPUS_PER_TRIAL or 1)")
+        help="CPUs per trial (per worker with --workers-per-trial), fractions allowed "
+             "(default $VPNS_CPUS_PER_TRIAL or 1)")
     add("--gpus-per-trial", type=float, default=float(os.environ.get("VPNS_GPUS_PER_TRIAL", 0)),
-        help="GPUs per trial, fractions allowed (default $VPNS_GPUS_PER_TRIAL or 0)")
+        help="GPUs per trial (per worker with --workers-per-trial: 0 or 1), fractions allowed "
+             "(default $VPNS_GPUS_PER_TRIAL or 0)")
     add("--max-failures", type=int, default=1, help="retries of a trial that raises before it is marked failed")
     add("--retry-failed", action="store_true", help="with --resume: run failed trials again from scratch")
     add("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped")

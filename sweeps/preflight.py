@@ -44,7 +44,15 @@ def check_flags(args: argparse.Namespace) -> None:
         raise UsageError(f"--gpus-per-trial {args.gpus_per_trial:g}: must be 0 or more (fractions allowed)")
     if args.gpus_per_trial > 1:
         raise UsageError(f"--gpus-per-trial {args.gpus_per_trial:g}: a trial runs on one GPU; use at most 1 "
-                         f"(fractions such as 0.5 pack several trials on one GPU)")
+                         f"(fractions such as 0.5 pack several trials on one GPU), and "
+                         f"--workers-per-trial N for a trial on N GPUs")
+    workers = getattr(args, "workers_per_trial", 1)
+    if workers < 1:
+        raise UsageError(f"--workers-per-trial {workers}: must be at least 1 (1: the trial is one "
+                         f"process; N > 1: N data-parallel Ray Train workers)")
+    if workers > 1 and args.gpus_per_trial not in (0, 1):
+        raise UsageError(f"--gpus-per-trial {args.gpus_per_trial:g}: with --workers-per-trial {workers} "
+                         f"each worker takes a whole GPU or none; use 0 or 1")
     for seed in args.seeds or ():
         at_least("--seeds", seed, 0)
     if args.metric.startswith(("test", "selected_test")):
@@ -64,6 +72,16 @@ def check_local_resources(args: argparse.Namespace) -> None:
         return  # a cluster's resources are checked once joined (check_cluster_resources)
     import torch
     cpus, gpus = os.cpu_count() or 1, torch.cuda.device_count()
+    workers = getattr(args, "workers_per_trial", 1)
+    if workers > 1:
+        for flag, value, have, what in (("--cpus-per-trial", args.cpus_per_trial, cpus, "CPUs"),
+                                        ("--gpus-per-trial", args.gpus_per_trial, gpus, "GPUs")):
+            if workers * value > have:
+                raise UsageError(f"--workers-per-trial {workers}: {workers} workers x {flag} {value:g} "
+                                 f"need {workers * value:g} {what}, this machine has {have}; use at "
+                                 f"most {int(have // value) if value else workers} workers, or "
+                                 f"--address to join a cluster")
+        return
     if args.cpus_per_trial > cpus:
         raise UsageError(f"--cpus-per-trial {args.cpus_per_trial:g}: this machine has {cpus} CPUs")
     if args.gpus_per_trial > gpus:
@@ -74,12 +92,14 @@ def check_local_resources(args: argparse.Namespace) -> None:
 def check_cluster_resources(args: argparse.Namespace, resources: dict[str, float]) -> None:
     """Per-trial resources against what the joined cluster has in all."""
     where = f"at {args.address}" if args.address else "this process is connected to"
+    workers = getattr(args, "workers_per_trial", 1)
     for flag, key, value in (("--cpus-per-trial", "CPU", args.cpus_per_trial),
                              ("--gpus-per-trial", "GPU", args.gpus_per_trial)):
         have = resources.get(key, 0.0)
-        if value > have:
-            raise UsageError(f"{flag} {value:g}: the cluster {where} has {have:g} {key}s "
-                             f"in all, so no trial could ever start")
+        if workers * value > have:
+            what = f"--workers-per-trial {workers} x {flag} {value:g}" if workers > 1 else f"{flag} {value:g}"
+            raise UsageError(f"{what}: the cluster {where} has {have:g} {key}s in all, so no "
+                             f"trial could ever start")
 
 
 def _writable_ancestor(path: Path) -> Path:

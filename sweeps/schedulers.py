@@ -45,9 +45,10 @@ class ShuffledGridSampler(optuna.samplers.GridSampler):
 
 
 def tune_config(args: argparse.Namespace, fixed: dict[str, Any], axes: dict[str, Any], *,
-                default_samples: int, sweep_name: str) -> tune.TuneConfig:
+                default_samples: int, sweep_name: str, max_concurrent: int | None = None) -> tune.TuneConfig:
     """Searcher, scheduler and trial count of a phase over ``axes`` on top of ``fixed``, from the
-    sweep's flags (``default_samples``: Optuna trials when --num-samples is not given)."""
+    sweep's flags (``default_samples``: Optuna trials when --num-samples is not given;
+    ``max_concurrent``: trials at once when --max-concurrent is not given)."""
     search_alg = None
     num_samples = args.num_samples or 1
     if args.search == "optuna":
@@ -73,7 +74,8 @@ def tune_config(args: argparse.Namespace, fixed: dict[str, Any], axes: dict[str,
     else:
         scheduler = FIFOScheduler()
     return tune.TuneConfig(metric=args.metric, mode=args.mode, search_alg=search_alg, scheduler=scheduler,
-                           num_samples=num_samples, max_concurrent_trials=args.max_concurrent,
+                           num_samples=num_samples,
+                           max_concurrent_trials=args.max_concurrent or max_concurrent,
                            trial_dirname_creator=trial_dirname,
                            reuse_actors=True)  # saves starting a process + torch per trial
 

@@ -36,6 +36,7 @@ from search_spaces import base as base_presets, learning_rates
 from search_spaces.points import (check_points, driver_config, listed_axes, longest_first,
                                   named_points, point_configs)
 from sweeps.code_version import git_commit
+from sweeps.data_parallel import Scaling
 from sweeps.flags import DEFINING, RESULTS, USER_ERRORS, build_parser, parse_overrides, runtime_fields
 from sweeps.preflight import (UsageError, check_address, check_cluster_resources, check_flags,
                               check_folder, check_local_resources, check_set_against_points,
@@ -46,6 +47,8 @@ from sweeps.schedulers import tune_axis, tune_config
 from sweeps.tracking import MLflowTracker, failure_reason, open_mlflow, ui_link
 from sweeps.trainable import trainable
 from vpns_core.checkpoint import atomic_write
+from vpns_core.distributed import check_data_parallel
+from vpns_core.errors import ConfigError
 
 
 #: exit status of a sweep whose trials all ran but whose MLflow runs are incomplete (the tracking
@@ -74,6 +77,8 @@ class Sweep:
     #: a dry run checks every phase's space (points, --set, data, weights, ASHA's rungs) and runs
     #: nothing; a plan that needs a phase's results to build the next stops after that phase
     dry_run: bool = False
+    #: whether Ray's state API answers (data-parallel trials; see sweeps.data_parallel.Scaling)
+    state_api: bool = True
 
     @property
     def preset(self) -> str:
@@ -109,6 +114,7 @@ class Sweep:
         check_points(fixed, axes)
         if self.dry_run:
             check_resources(point_configs(fixed, axes, points), download=args.download)
+            check_workers(args.workers_per_trial, point_configs(fixed, axes, points))
             if args.scheduler == "asha":
                 longest = max(driver_config(c).total_epochs for c in point_configs(fixed, axes, points))
                 if args.grace_period >= max(longest, 1):
@@ -130,8 +136,11 @@ class Sweep:
             tags={"sweep": self.name, "phase": name, "script": self.script, "preset": self.preset,
                   "mlflow.source.git.commit": git_commit(), "search": args.search,
                   "scheduler": args.scheduler})
-        resources = {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial}
-        fn = tune.with_resources(tune.with_parameters(trainable, points=points), resources)
+        scaling = Scaling(workers=args.workers_per_trial, cpus=args.cpus_per_trial,
+                          gpus=args.gpus_per_trial, storage=str(self.dir / "train" / name),
+                          state_api=self.state_api)
+        fn = tune.with_resources(tune.with_parameters(trainable, points=points, scaling=scaling),
+                                 scaling.trial_resources())
         path = self.dir / name
         if self.resuming and tune.Tuner.can_restore(str(path)):
             print(f"[{self.name}] resuming phase '{name}' from {path}", flush=True)
@@ -140,7 +149,8 @@ class Sweep:
         else:
             tuner = tune.Tuner(fn, param_space=param_space,
                                tune_config=tune_config(args, fixed, axes, default_samples=self.default_samples,
-                                                       sweep_name=self.name),
+                                                       sweep_name=self.name,
+                                                       max_concurrent=concurrent_trials(scaling)),
                                run_config=tune.RunConfig(
                                    name=name, storage_path=str(self.dir), callbacks=[tracker],
                                    failure_config=tune.FailureConfig(max_failures=args.max_failures),
@@ -160,6 +170,39 @@ class Sweep:
         if not phase.complete:  # Ctrl-C: Tune saved its state; later phases must not start
             raise SweepInterrupted(name)
         return phase
+
+
+def check_workers(workers: int, configs: list[dict[str, Any]]) -> None:
+    """Every trial of a phase can run on ``workers`` data-parallel workers (its method, its
+    batch size), before anything starts."""
+    for values in configs:
+        try:
+            check_data_parallel(driver_config(values), workers)
+        except ConfigError as err:
+            raise UsageError(f"--workers-per-trial {workers}: {err}") from None
+
+
+def concurrent_trials(scaling: Scaling) -> int | None:
+    """Trials at once for data-parallel trials: as many as the cluster's CPUs and GPUs hold whole
+    worker groups. (Their drivers reserve no CPU, so Tune alone would start every trial and
+    leave their Train runs waiting for workers.) None for one-worker trials: Tune's own limit."""
+    if scaling.workers == 1:
+        return None
+    have = ray.cluster_resources()
+    fits = [int(have.get(key, 0.0) // (scaling.workers * need))
+            for key, need in (("CPU", scaling.cpus), ("GPU", scaling.gpus)) if need > 0]
+    return max(1, min(fits)) if fits else None
+
+
+def state_api_answers(timeout: float = 3.0) -> bool:
+    """Whether Ray's state API answers (it needs the dashboard, which a local sweep does not
+    start)."""
+    from ray.util.state import list_nodes
+    try:
+        list_nodes(limit=1, timeout=timeout, raise_on_missing_output=False)
+    except Exception:  # noqa: BLE001 - any failure means: not available
+        return False
+    return True
 
 
 def single_phase(space: ModuleType) -> Callable[[Sweep], None]:
@@ -204,6 +247,8 @@ def run_sweep(script: str, plan: Callable[[Sweep], None], argv: list[str] | None
                 check_cluster_resources(args, ray.cluster_resources())
             else:
                 ray.init(include_dashboard=False)  # nothing listens beyond this machine
+        if args.workers_per_trial > 1:
+            sweep.state_api = state_api_answers()
         open_mlflow(sweep)
         link = ui_link(args.tracking_uri, sweep.experiment_id)
         print(f"[{sweep.name}] {args.search} search, {args.scheduler} scheduler, preset "

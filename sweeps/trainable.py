@@ -15,7 +15,7 @@ import socket
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 import torch
@@ -33,24 +33,35 @@ NODES = "nodes.txt"  # in every reported checkpoint: the nodes the trial's attem
 #: tags of its MLflow run. ``hostname`` is Tune's own (it fills it into every result); ``nodes``
 #: lists the node of every attempt in order, so a trial resumed elsewhere names both; the others
 #: are the last attempt's. ``device_fallback`` is empty unless a trial was given a GPU it could
-#: not use (see :func:`place`).
+#: not use (see :func:`place`). ``workers`` is the number of data-parallel workers of the last
+#: attempt; for more than one, the node, GPUs and device are rank 0's and ``worker_nodes`` lists
+#: every rank's node (``sweeps/data_parallel.py``).
 PLACEMENT = ("node_id", "hostname", "nodes", "gpu_ids", "device", "device_fallback",
-             "started_at", "ended_at")
+             "started_at", "ended_at", "workers", "worker_nodes")
 
 log = logging.getLogger(__name__)
 
+if TYPE_CHECKING:  # pragma: no cover
+    from sweeps.data_parallel import Scaling
 
-def trainable(config: dict[str, Any], points: dict[str, dict] | None = None) -> None:
+
+def trainable(config: dict[str, Any], points: dict[str, dict] | None = None,
+              scaling: "Scaling | None" = None) -> None:
     """One vpns trial under Tune: report every epoch with the trial's checkpoint, resume from
     ``tune.get_checkpoint()``, and end with one ``final`` report carrying the selected
-    accuracies and the artifacts (masks, layer stats, prompt PNG, exported model)."""
+    accuracies and the artifacts (masks, layer stats, prompt PNG, exported model). With
+    ``scaling.workers`` > 1 the trial runs on that many Ray Train workers
+    (:mod:`sweeps.data_parallel`) and this function is their driver."""
     cfg = Config.from_dict(resolve(config, points))
+    if scaling is not None and scaling.workers > 1:
+        _train_on_workers(cfg, scaling)
+        return
     context = ray.get_runtime_context()
     node_id = context.get_node_id()
     gpu_ids = ray.get_gpu_ids()  # Ray also set CUDA_VISIBLE_DEVICES to them
     device, fallback = place(cfg.device, gpu_ids, torch.cuda.is_available(), node_id)
     placement = {"node_id": node_id, "gpu_ids": ",".join(map(str, gpu_ids)),
-                 "device": device, "device_fallback": fallback, "started_at": _now()}
+                 "device": device, "device_fallback": fallback, "started_at": _now(), "workers": "1"}
     cap_gpu_memory(context.get_assigned_resources().get("GPU", 0.0), cfg.device)
     # Scratch space outside Tune's trial folder, which Tune copies to storage wholesale; what
     # must survive goes into the reported checkpoints. A leftover of a dead attempt is stale:
@@ -67,6 +78,25 @@ def trainable(config: dict[str, Any], points: dict[str, dict] | None = None) -> 
         shutil.rmtree(folder, ignore_errors=True)
         if cfg.device != "cpu" and torch.cuda.is_available():
             torch.cuda.empty_cache()  # a reused actor's next trial starts with the GPU's memory free
+
+
+def _train_on_workers(cfg: Config, scaling: "Scaling") -> None:
+    from sweeps.data_parallel import run_trial_on_workers
+
+    folder = Path(os.environ.get("VPNS_SCRATCH", tempfile.gettempdir())) / "vpns-trials" / \
+        f"{tune.get_context().get_trial_id()}-driver-{os.getpid()}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    try:
+        restored = tune.get_checkpoint()
+        if restored is not None:
+            with restored.as_directory() as saved:
+                if (Path(saved) / FINAL).is_file():  # finished before the driver died: report it again
+                    _report_final(json.loads((Path(saved) / FINAL).read_text()), Path(saved), folder)
+                    return
+        run_trial_on_workers(cfg.to_dict(), scaling, {"started_at": _now()}, planned=cfg.total_epochs)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def cap_gpu_memory(share: float, device: str) -> float | None:
