@@ -24,6 +24,15 @@ Failures: a worker that dies (``kill -9``, a lost node) fails the Train run at o
 (``--max-failures``, the same budget as a one-worker trial): the retry starts a new Train run
 from the trial's last Tune checkpoint, on any number of workers, and keeps the trial's MLflow
 run. One retry budget, counted in one place (``num_failures``), for every N.
+
+Placement groups: a Train run's workers hold a placement group created by its controller, and
+Ray removes such a group only once both the controller and the *job* (the sweep) are gone. A
+controller killed with its trial (ASHA stops a trial: Tune ends the trial's process at once; a
+lost driver node) would leave its workers' CPUs and GPUs reserved for the rest of the sweep, and
+the next trials would wait for them for ever. Ray Train's own cleaner asks the state API, which
+needs the dashboard the sweeps do not start. So rank 0 writes its group's id next to the run
+(:data:`GROUP_FILE`), and :class:`PlacementGroupReaper`, a Tune callback in the sweep's process,
+removes the group when the trial ends, fails or is retried (a group already removed is skipped).
 """
 from __future__ import annotations
 
@@ -50,6 +59,8 @@ from sweeps.flags import METRIC
 from sweeps.trainable import CHECKPOINT, NODES, _link, _now, place, write_artifacts
 from vpns_core.config import Config
 
+#: rank 0 writes its placement group's id to ``<storage>/<trial id>-<run>`` + this suffix
+GROUP_FILE = ".placement_group"
 #: logical memory the driver of a data-parallel trial reserves instead of a CPU: a Tune trial must
 #: reserve something, and a CPU would leave an N-worker trial on N CPUs unable to start
 DRIVER_MEMORY = 256 * 2**20
@@ -128,6 +139,42 @@ class _TrialTrainer(TorchTrainer):
         return [cb for cb in callbacks if not isinstance(cb, PlacementGroupCleanerCallback)]
 
 
+class PlacementGroupReaper(tune.Callback):
+    """Removes the placement groups of a data-parallel trial's Train runs once the trial is done
+    with them (see the module docstring). Runs in the sweep's process."""
+
+    def __init__(self, storage: str) -> None:
+        self.storage = Path(storage)
+
+    def reap(self, pattern: str = "*") -> int:
+        """Remove the groups recorded under ``pattern`` (a trial id, or all); returns how many
+        were still held."""
+        from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+        removed = 0
+        for record in self.storage.glob(f"{pattern}-*{GROUP_FILE}"):
+            try:
+                group = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(record.read_text().strip())))
+                if placement_group_table(group).get("state") not in (None, "REMOVED"):
+                    remove_placement_group(group)
+                    removed += 1
+            except (OSError, ValueError):  # unreadable, or removed meanwhile
+                pass
+            record.unlink(missing_ok=True)
+        return removed
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.reap(trial.trial_id)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.reap(trial.trial_id)
+
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        self.reap(trial.trial_id)
+
+    def on_experiment_end(self, trials, **info) -> None:
+        self.reap()
+
+
 class _Stopped(Exception):
     """Tune stopped the trial (ASHA): every worker leaves the training loop."""
 
@@ -144,6 +191,7 @@ def run_trial_on_workers(config: dict[str, Any], scaling: Scaling, placement: di
     trainer = _TrialTrainer(
         _worker,
         train_loop_config={"config": config, "resume": tune.get_checkpoint(), "mailbox": mailbox,
+                           "group_file": str(Path(scaling.storage) / f"{name}{GROUP_FILE}"),
                            "placement": placement, "planned": planned, "trial_id": trial_id},
         scaling_config=ray.train.ScalingConfig(num_workers=scaling.workers, use_gpu=scaling.gpus > 0,
                                                resources_per_worker=per_worker),
@@ -201,6 +249,11 @@ def _worker(loop: dict[str, Any]) -> None:
     if device == "cuda":
         torch.cuda.set_device(ray.train.torch.get_device())  # this rank's GPU
     dp = DataParallel.current()
+    if rank == 0:
+        group = ray.util.get_current_placement_group()
+        if group is not None:
+            Path(loop["group_file"]).parent.mkdir(parents=True, exist_ok=True)
+            Path(loop["group_file"]).write_text(group.id.hex())
     scratch = Path(os.environ.get("VPNS_SCRATCH", tempfile.gettempdir())) / "vpns-trials" / \
         f"{loop['trial_id']}-rank{rank}-{os.getpid()}"
     workdir = scratch / "work"

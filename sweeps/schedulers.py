@@ -45,10 +45,12 @@ class ShuffledGridSampler(optuna.samplers.GridSampler):
 
 
 def tune_config(args: argparse.Namespace, fixed: dict[str, Any], axes: dict[str, Any], *,
-                default_samples: int, sweep_name: str, max_concurrent: int | None = None) -> tune.TuneConfig:
+                default_samples: int, sweep_name: str, max_concurrent: int | None = None,
+                reuse_actors: bool = True) -> tune.TuneConfig:
     """Searcher, scheduler and trial count of a phase over ``axes`` on top of ``fixed``, from the
     sweep's flags (``default_samples``: Optuna trials when --num-samples is not given;
-    ``max_concurrent``: trials at once when --max-concurrent is not given)."""
+    ``max_concurrent``: trials at once when --max-concurrent is not given; ``reuse_actors``:
+    whether a trial's process serves the next trial)."""
     search_alg = None
     num_samples = args.num_samples or 1
     if args.search == "optuna":
@@ -77,7 +79,7 @@ def tune_config(args: argparse.Namespace, fixed: dict[str, Any], axes: dict[str,
                            num_samples=num_samples,
                            max_concurrent_trials=args.max_concurrent or max_concurrent,
                            trial_dirname_creator=trial_dirname,
-                           reuse_actors=True)  # saves starting a process + torch per trial
+                           reuse_actors=reuse_actors)  # saves starting a process + torch per trial
 
 
 def trial_dirname(trial) -> str:

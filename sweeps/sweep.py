@@ -36,7 +36,7 @@ from search_spaces import base as base_presets, learning_rates
 from search_spaces.points import (check_points, driver_config, listed_axes, longest_first,
                                   named_points, point_configs)
 from sweeps.code_version import git_commit
-from sweeps.data_parallel import Scaling
+from sweeps.data_parallel import PlacementGroupReaper, Scaling
 from sweeps.flags import DEFINING, RESULTS, USER_ERRORS, build_parser, parse_overrides, runtime_fields
 from sweeps.preflight import (UsageError, check_address, check_cluster_resources, check_flags,
                               check_folder, check_local_resources, check_set_against_points,
@@ -150,9 +150,15 @@ class Sweep:
             tuner = tune.Tuner(fn, param_space=param_space,
                                tune_config=tune_config(args, fixed, axes, default_samples=self.default_samples,
                                                        sweep_name=self.name,
-                                                       max_concurrent=concurrent_trials(scaling)),
+                                                       max_concurrent=concurrent_trials(scaling),
+                                                       # a stopped data-parallel trial's driver
+                                                       # takes more than Tune's 2 s to stop its
+                                                       # workers, which fails a reuse of its actor
+                                                       reuse_actors=scaling.workers == 1),
                                run_config=tune.RunConfig(
-                                   name=name, storage_path=str(self.dir), callbacks=[tracker],
+                                   name=name, storage_path=str(self.dir),
+                                   # the reaper always: a resumed sweep may change N
+                                   callbacks=[tracker, PlacementGroupReaper(scaling.storage)],
                                    failure_config=tune.FailureConfig(max_failures=args.max_failures),
                                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                    verbose=1))

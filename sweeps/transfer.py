@@ -9,7 +9,10 @@ from sweeps.sweep import run_sweep
 
 def plan(sweep):
     base = transfer.base(sweep.preset)
-    source = sweep.run_phase("source", {**base, "tune_epochs": 0}, transfer.source_space(sweep.preset))
+    space = transfer.source_space(sweep.preset)
+    if getattr(sweep.args, "sources", None):  # e.g. imagenet: the paper's largest setting
+        space = {**space, "dataset": list(sweep.args.sources)}
+    source = sweep.run_phase("source", {**base, "tune_epochs": 0}, space)
     if sweep.dry_run:  # the masks do not exist yet: check the targets' datasets and settings
         sweep.run_phase("target", base, {"dataset": transfer.target_datasets(sweep.preset)},
                         seed_axis=False)
@@ -28,8 +31,15 @@ def plan(sweep):
                     seed_axis=False)
 
 
+def flags(parser):
+    parser.add_argument("--sources", nargs="+", default=None, metavar="DATASET",
+                        help="datasets the masks are found on (default: the preset's, CIFAR-100 "
+                             "for paper); e.g. imagenet with --set model=resnet50")
+    return ["sources"]
+
+
 def main(argv=None):
-    return run_sweep("transfer", plan, argv, doc=__doc__, search="grid", scheduler="fifo")
+    return run_sweep("transfer", plan, argv, doc=__doc__, search="grid", scheduler="fifo", flags=flags)
 
 
 if __name__ == "__main__":
