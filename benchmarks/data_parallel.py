@@ -157,7 +157,8 @@ def throughput(args: argparse.Namespace) -> list[dict[str, Any]]:
                             local[stage]()
                             times.append(time.perf_counter() - t0)
                         if rnd >= args.warmup_rounds:
-                            timings.setdefault((stage, f"1 worker x {threads} thread{'s' * (threads > 1)}"), []).extend(times)
+                            variant = f"1 worker x {threads} thread{'s' * (threads > 1)}"
+                            timings.setdefault((stage, variant), []).extend(times)
                     for q in commands:
                         q.put((stage, args.steps))
                     times, comm = results.get(timeout=600)

@@ -3,8 +3,9 @@ then one tiny sweep on 2 Ray Train workers per trial with a worker killed mid-tr
 
 Tolerances: two ranks at global batch B compute what one process computes at batch B except for
 the order of float sums (two half-batch gradients averaged, BatchNorm statistics summed over two
-shards), so on the tiny task the masks are asserted *equal* and the accuracies within one image
-of the 64 (an argmax near a tie may flip on another CPU; here they are equal).
+shards). On the tiny task that leaves the masks *equal* (asserted) and the accuracies equal; the
+test allows one image of the 64 for an argmax near a tie. (In chaotic settings the rounding grows
+into a few differing mask entries; README, "Bigger trials".)
 """
 import os
 import signal
