@@ -26,7 +26,6 @@ class with fewer channels; :func:`architecture` describes its new shapes so that
 from __future__ import annotations
 
 import statistics
-import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +37,8 @@ import importlib
 import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from .costs import timings
 
 if TYPE_CHECKING:  # pragma: no cover
     from .methods.channel import ChannelMethod
@@ -399,22 +400,8 @@ def _param_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _median_time(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(timings(fn, device, repeats, warmup))
 
 
 def _peak_mb(fn: Callable[[], Any], model: nn.Module, device: torch.device) -> float:
