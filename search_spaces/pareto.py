@@ -10,7 +10,7 @@ prompt), so it is a define-by-run :class:`ParetoSpace` rather than a dict of Tun
 
 Default preset: the task of ``sweeps/structured.py`` (``base.SMALL``: 1,500 / 500 images, 32 px in
 a 48 px frame, 2 + 2 epochs, Slimming and DepGraph with one warm-up epoch), so that its fixed
-sparsities and this front can be compared point for point; channel sparsity 10-85 %, weight
+sparsities and this front can be compared point for point; channel sparsity 10-75 %, weight
 sparsity 50-98 %, pads 4, 6, 8.
 """
 from __future__ import annotations
@@ -90,7 +90,7 @@ def space(preset: str) -> ParetoSpace:
         methods = {name: {} for name in methods}
     return ParetoSpace(
         methods=methods,
-        channel_sparsity=pick(preset, paper=(0.1, 0.9), default=(0.1, 0.85), tiny=(0.2, 0.8)),
+        channel_sparsity=pick(preset, paper=(0.1, 0.9), default=(0.1, 0.75), tiny=(0.2, 0.8)),
         weight_sparsity=pick(preset, paper=(0.5, 0.99), default=(0.5, 0.98), tiny=(0.5, 0.95)),
         pad_sizes=pick(preset, paper=(8, 16, 24, 32), default=(4, 6, 8), tiny=(2, 4)),
     )

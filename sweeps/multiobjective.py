@@ -33,6 +33,7 @@ from sweeps.preflight import UsageError
 from sweeps.results import Phase
 from sweeps.schedulers import PhaseSearch, trial_dirname
 from sweeps.tracking import failure_reason
+from vpns_core.methods import METHODS
 from vpns_core.pareto import (ACCURACY, COSTS, DEFAULT_OBJECTIVES, Budget, parse_budget,
                               parse_objectives, pareto_ranks)
 
@@ -216,7 +217,7 @@ def table(phase: Phase, costs: tuple[str, ...], budget: Budget) -> list[dict[str
         derived, final, config = phase.derived[record["trial_id"]], record["final"] or {}, record["config"]
         front = derived["pareto_rank"] == 1 or derived["pareto_reference"]
         row = {"trial": record["trial_id"], "method": config.get("method"),
-               "sparsity": config.get("sparsity"), "pad": _pad(config),
+               "sparsity": _sparsity(config), "pad": _pad(config),
                "status": "done" if record["final"] is not None else record["status"].lower(),
                "rank": derived["pareto_rank"],
                "val_acc_%": _pct(final.get(ACCURACY)),
@@ -230,10 +231,18 @@ def table(phase: Phase, costs: tuple[str, ...], budget: Budget) -> list[dict[str
     return rows
 
 
+def _method(config: dict[str, Any]):
+    return METHODS.get(config["method"]) if config.get("method") in METHODS else None
+
+
 def _pad(config: dict[str, Any]) -> Any:
-    from vpns_core.methods import METHODS
-    method = config.get("method")
-    return config.get("pad_size") if method in METHODS and METHODS.get(method).uses_prompt else "-"
+    method = _method(config)
+    return config.get("pad_size") if method is not None and method.uses_prompt else "-"
+
+
+def _sparsity(config: dict[str, Any]) -> Any:
+    method = _method(config)
+    return config.get("sparsity") if method is not None and method.prunes else "-"
 
 
 def _pct(value: Any) -> float | None:
