@@ -28,14 +28,12 @@ from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from search_spaces.pareto import ParetoSpace
-from sweeps.flags import METRIC, MODE
-from sweeps.preflight import UsageError
+from sweeps.preflight import UsageError, check_multiobjective
 from sweeps.results import Phase
 from sweeps.schedulers import PhaseSearch, trial_dirname
 from sweeps.tracking import failure_reason
 from vpns_core.methods import METHODS
-from vpns_core.pareto import (ACCURACY, COSTS, DEFAULT_OBJECTIVES, Budget, parse_budget,
-                              parse_objectives, pareto_ranks)
+from vpns_core.pareto import ACCURACY, COSTS, DEFAULT_OBJECTIVES, Budget, pareto_ranks
 
 if TYPE_CHECKING:
     from sweeps.sweep import Sweep
@@ -53,31 +51,15 @@ def add_flags(parser: argparse.ArgumentParser) -> list[str]:
     parser.add_argument("--budget", action="append", default=[], metavar="COST=MAX",
                         help="cap a cost, e.g. latency_ms=120 or params_m=1.5 (repeatable, or "
                              "comma-separated): Optuna constraints; trials over it are marked infeasible")
+    parser.epilog = ("By default: Optuna's multi-objective TPE over the method, its sparsity and the "
+                     "pad (learning rates fixed at the preset's), every trial run to its end (FIFO).")
     return ["objectives", "budget"]
 
 
 def parse_flags(args: argparse.Namespace) -> tuple[tuple[str, ...], Budget]:
-    """The costs and budget of ``--objectives`` / ``--budget``; refuses flags a multi-objective
-    search cannot honour. Raises :class:`UsageError` naming the flag and what is allowed."""
-    try:
-        costs = parse_objectives(args.objectives)
-    except ValueError as err:
-        raise UsageError(f"--objectives {args.objectives}: {err}") from None
-    try:
-        budget = parse_budget(args.budget)
-    except ValueError as err:
-        raise UsageError(f"--budget {','.join(args.budget)}: {err}") from None
-    if args.search != "optuna":
-        raise UsageError(f"--search {args.search}: this sweep searches the Pareto front with "
-                         f"Optuna's multi-objective sampler; use --search optuna (the default)")
-    if args.scheduler != "fifo":
-        raise UsageError(f"--scheduler {args.scheduler}: ASHA stops trials on one metric; a "
-                         f"multi-objective search runs every trial to its end; use --scheduler fifo "
-                         f"(the default)")
-    if (args.metric, args.mode) != (METRIC, MODE):
-        raise UsageError(f"--metric {args.metric} --mode {args.mode}: this sweep maximises the "
-                         f"validation accuracy and minimises --objectives; leave --metric and --mode out")
-    return costs, budget
+    """The costs and budget of ``--objectives`` / ``--budget``, checked before anything runs
+    (:func:`sweeps.preflight.check_multiobjective`)."""
+    return check_multiobjective(args)
 
 
 # --- the searcher ------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .costs import timings
+from .costs import exclusive_timing, timings
 
 if TYPE_CHECKING:  # pragma: no cover
     from .methods.channel import ChannelMethod
@@ -479,8 +479,9 @@ def measure(model: nn.Module, size: int, *, device: torch.device | str = "cpu",
 def compare(dense: nn.Module, pruned: nn.Module, size: int, **kwargs: Any) -> dict[str, float]:
     """:func:`measure` on both models in the same process, and the ratios (pruned ÷ dense; ``speedup``
     = dense latency ÷ pruned latency at the largest batch)."""
-    d = measure(dense, size, **kwargs)
-    p = measure(pruned, size, **kwargs)
+    with exclusive_timing(kwargs.get("device", "cpu")):  # not while another trial times its model
+        d = measure(dense, size, **kwargs)
+        p = measure(pruned, size, **kwargs)
     big = max(kwargs.get("batches", (1, 64)))
     small = min(kwargs.get("batches", (1, 64)))
     out = {f"dense_{k}": v for k, v in d.items()}

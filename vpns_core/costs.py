@@ -7,16 +7,20 @@ applied for a weight method, the network itself for dense fine-tuning. Unstructu
 saves nothing on dense kernels, so a weight-masked model's latency and ``flops_g`` are the dense
 model's; ``params_m`` counts its nonzero weights and ``flops_nonzero_g`` the multiplications by
 nonzero weights, what a sparse kernel could at best skip. Latency is the median of
-``repeats`` timed forward passes after warm-up passes; ``latency_ms_min`` / ``_max`` give their
-spread, which on a machine shared with other work is wide.
+``repeats`` timed forward passes after warm-up passes, taken under the machine's timing lock
+(:func:`exclusive_timing`); ``latency_ms_min`` / ``_max`` give their spread, which on a machine
+shared with other work is wide.
 """
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import platform
 import statistics
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,6 +45,24 @@ def device_name(device: torch.device | str) -> str:
     except OSError:
         pass
     return f"{device.type}: {model or platform.processor() or platform.machine()}"
+
+
+@contextlib.contextmanager
+def exclusive_timing(device: torch.device | str) -> Iterator[None]:
+    """Hold this machine's timing lock for ``device`` (a file lock in its temp folder): trials
+    running side by side on one machine time their models one after the other, never while
+    another trial times its own (measured: two trials timing at once read up to 3x the latency
+    of one alone). The other trials' training goes on meanwhile; ``--max-concurrent 1`` avoids
+    that too. Released when the process dies."""
+    device = torch.device(device)
+    name = f"vpns-timing-{device.type}{device.index if device.index is not None else ''}.lock"
+    path = Path(tempfile.gettempdir()) / name  # this machine's own: a shared folder would serialise nodes
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _sync(device: torch.device) -> None:
@@ -82,7 +104,7 @@ def latency(model: nn.Module, size: int, batch: int, *, device: torch.device | s
         x = x.contiguous(memory_format=torch.channels_last)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None \
         else contextlib.nullcontext()
-    with torch.no_grad(), autocast:
+    with torch.no_grad(), autocast, exclusive_timing(device):
         times = timings(lambda: model(x), device, repeats)
     return {"latency_ms": 1e3 * statistics.median(times), "latency_ms_min": 1e3 * min(times),
             "latency_ms_max": 1e3 * max(times), "latency_batch": batch, "latency_repeats": repeats,
