@@ -155,7 +155,8 @@ def _leading(value: float) -> int:
 
 def _numbers(search: pd.DataFrame, dense: pd.DataFrame, panels: list[str], limits: Budget) -> pd.DataFrame:
     columns = ["trial_id", "config.method", "sparsity", "pad", "rank", "fits",
-               "val_acc_pct", "test_acc_pct", *panels, "latency_ms_min", "latency_ms_max"]
+               "val_acc_pct", "test_acc_pct", *panels, "latency_ms_min", "latency_ms_max", "latency_cpu_ms"]
+    columns = list(dict.fromkeys(columns))
     frames = []
     for frame, role in ((search, "search"), (dense, "reference")):
         part = frame[[c for c in columns if c in frame]].copy()
@@ -193,6 +194,10 @@ def _caption(runs: Runs, search: pd.DataFrame, dense: pd.DataFrame, costs: tuple
                     f"{batch:g}, measured in each trial on {device} with {threads:g} thread(s); the "
                     f"timed runs of a trial spread by a median {100 * spread:.0f}% of their median "
                     f"(other trials and other work shared the machine).")
+        if "latency_cpu_ms" in search and search["latency_cpu_ms"].notna().any():
+            ratio = (search["latency_ms"] / search["latency_cpu_ms"]).median()
+            text.append(f"Wall-clock latency over the passes' CPU time (the latency with the core to "
+                        f"itself): median {ratio:.2f}x, up to {(search['latency_ms'] / search['latency_cpu_ms']).max():.1f}x.")
     weight = [m for m in ordered(search["config.method"]) if m in METHODS and not METHODS.get(m).structured]
     if weight:
         text.append(f"Weight-pruned methods ({', '.join(map(method_name, weight))}) keep the dense "

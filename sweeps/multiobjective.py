@@ -143,9 +143,10 @@ class MultiObjective(PhaseSearch):
         if clash:
             raise UsageError(f"--set {clash[0]}: the Pareto search sets {clash[0]} itself "
                              f"({', '.join(sorted(searched))}); drop --set {clash[0]}")
-        if "latency_ms" in (*self.costs, *dict(self.budget.limits)) and overrides.get("measure_repeats") == 0:
-            raise UsageError("--set measure_repeats=0: latency_ms is an objective or capped, so "
-                             "every trial must time its model; use at least 1")
+        timed = sorted({"latency_ms", "latency_cpu_ms"} & {*self.costs, *dict(self.budget.limits)})
+        if timed and overrides.get("measure_repeats") == 0:
+            raise UsageError(f"--set measure_repeats=0: {timed[0]} is an objective or capped, so "
+                             f"every trial must time its model; use at least 1")
 
     def tune_config(self, args: argparse.Namespace, *, default_samples: int) -> tune.TuneConfig:
         num_samples = args.num_samples or self.default_samples
@@ -205,7 +206,7 @@ def table(phase: Phase, costs: tuple[str, ...], budget: Budget) -> list[dict[str
                "val_acc_%": _pct(final.get(ACCURACY)),
                "test_acc_%": _pct(final.get("selected_test_acc")) if front else None,
                "latency_ms": final.get("latency_ms"),
-               "latency_spread_ms": _spread(final),
+               "latency_spread_ms": _spread(final), "latency_cpu_ms": final.get("latency_cpu_ms"),
                "params_m": final.get("params_m"), "flops_g": final.get("flops_g")}
         if budget:
             row["fits_budget"] = {True: "yes", False: "NO", None: None}[derived["feasible"]]

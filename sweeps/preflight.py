@@ -78,6 +78,9 @@ def check_multiobjective(args: argparse.Namespace) -> tuple[tuple[str, ...], "Bu
     if (args.metric, args.mode) != (METRIC, MODE):
         raise UsageError(f"--metric {args.metric} --mode {args.mode}: this sweep maximises the "
                          f"validation accuracy and minimises --objectives; leave --metric and --mode out")
+    if "latency_cpu_ms" in (*costs, *dict(budget.limits)) and (args.gpus_per_trial > 0 or args.cpus_per_trial >= 2):
+        raise UsageError("--objectives/--budget latency_cpu_ms: a pass's CPU time is its latency only "
+                         "at one CPU thread; use it with --cpus-per-trial below 2 and no GPUs, or use latency_ms")
     return costs, budget
 
 

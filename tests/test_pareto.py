@@ -51,7 +51,7 @@ def test_budget_and_objective_parsing_name_the_mistake():
     assert parse_budget(["latency_ms=40", "params_m=1.5"]) == parse_budget("latency_ms=40,params_m=1.5")
     assert parse_budget("latency_ms=40,params_m=1.5").limits == (("latency_ms", 40.0), ("params_m", 1.5))
     assert parse_budget("flops_g=0.05").text == "flops_g<=0.05" and not parse_budget([])
-    for bad, words in (("latency=40", "unknown cost 'latency'; choose from latency_ms, params_m, flops_g"),
+    for bad, words in (("latency=40", "unknown cost 'latency'; choose from latency_ms, latency_cpu_ms, params_m, flops_g"),
                        ("latency_ms", "expected COST=NUMBER"), ("latency_ms=fast", "must be a number"),
                        ("latency_ms=-1", "positive"), ("latency_ms=1,latency_ms=2", "capped twice")):
         with pytest.raises(ValueError, match=words):
@@ -82,6 +82,13 @@ def test_cost_record_counts_nonzeros_and_the_flops_a_sparse_kernel_would_skip():
     assert record["latency_batch"] == 4 and record["latency_repeats"] == 3
     assert record["latency_threads"] == torch.get_num_threads() and record["latency_device"].startswith("cpu")
     assert "latency_ms" not in cost_record(net, 8, repeats=0)  # 0 repeats: no timing
+    threads = torch.get_num_threads()
+    try:  # at one thread the pass's CPU time is recorded too: never more than its wall time
+        torch.set_num_threads(1)
+        one = cost_record(net, 8, batch=64, repeats=3)
+    finally:
+        torch.set_num_threads(threads)
+    assert 0 < one["latency_cpu_ms"] <= one["latency_ms"] * 1.05 and one["latency_threads"] == 1
 
 
 # --- the searcher: constraints reach Optuna ---------------------------------------------------------
@@ -146,6 +153,7 @@ def test_the_sweep_records_objectives_ranks_and_feasibility(swept):
     assert all(r.info.status == "FINISHED" for r in runs)
     for r in rows:
         assert r["latency_ms"] > 0 and r["params_m"] > 0 and r["flops_g"] > 0 and r["latency_batch"] == 16
+        assert 0 < r["latency_cpu_ms"] <= 1.05 * r["latency_ms"] and r["latency_threads"] == 1
         assert r["pareto_objectives"] == "selected_val_acc:max,latency_ms:min,params_m:min"
         assert r["feasible"] == (r["params_m"] <= 5)
     assert dense["pareto_reference"] and dense["pareto_rank"] is None and not dense["feasible"]  # 11.7 M
@@ -204,7 +212,7 @@ def test_pick_hands_back_the_most_accurate_model_that_fits(swept, tmp_path, caps
                           "--budget", f"params_m=5,latency_ms={cap}", "--repeats", "3"])
     text = capsys.readouterr().out
     assert code == 0 and f"trial {best['trial_id']}" in text and "test accuracy" in text
-    assert f"fits the budget latency_ms<={cap:g}" in text
+    assert f": fits the budget latency_ms<={cap:g}" in text
     # the copy loads with torch and torchvision alone (vpns blocked), with the recorded size
     code = (f"import sys; sys.modules['vpns_core'] = None; sys.path.insert(0, {str(ROOT / 'scripts')!r})\n"
             "import torch\nfrom load_pruned import load_pruned\n"
@@ -245,7 +253,8 @@ def test_resume_tags_the_ranks_again(swept):
 
 
 @pytest.mark.parametrize("flag, words", [
-    (["--objectives", "latncy_ms"], "--objectives latncy_ms: unknown cost 'latncy_ms'; choose one or two of latency_ms, params_m, flops_g"),
+    (["--objectives", "latncy_ms"], "--objectives latncy_ms: unknown cost 'latncy_ms'; choose one or two of latency_ms, latency_cpu_ms, params_m, flops_g"),
+    (["--objectives", "latency_cpu_ms", "--cpus-per-trial", "2"], "latency_cpu_ms: a pass's CPU time is its latency only at one CPU thread"),
     (["--budget", "latency_ms=fast"], "--budget latency_ms=fast: 'latency_ms=fast': the cap must be a number"),
     (["--scheduler", "asha"], "--scheduler asha: ASHA stops trials on one metric"),
     (["--set", "sparsity=0.5"], "--set sparsity: the Pareto search sets sparsity itself"),

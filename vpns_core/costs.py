@@ -9,7 +9,8 @@ model's; ``params_m`` counts its nonzero weights and ``flops_nonzero_g`` the mul
 nonzero weights, what a sparse kernel could at best skip. Latency is the median of
 ``repeats`` timed forward passes after warm-up passes, taken under the machine's timing lock
 (:func:`exclusive_timing`); ``latency_ms_min`` / ``_max`` give their spread, which on a machine
-shared with other work is wide.
+shared with other work is wide. At one thread on a CPU, ``latency_cpu_ms`` (the passes' CPU
+time) says what the latency is with the core to itself.
 """
 from __future__ import annotations
 
@@ -71,19 +72,22 @@ def _sync(device: torch.device) -> None:
 
 
 def timings(fn: Callable[[], Any], device: torch.device | str, repeats: int,
-            warmup: int = WARMUP) -> list[float]:
-    """Seconds of each of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls (the device
-    synchronised around each timed call)."""
+            warmup: int = WARMUP, cpu_times: list[float] | None = None) -> list[float]:
+    """Seconds (wall clock) of each of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls
+    (the device synchronised around each timed call); ``cpu_times``, if given, receives the
+    calling thread's CPU seconds of each call."""
     device = torch.device(device)
     for _ in range(warmup):
         fn()
     out = []
     for _ in range(repeats):
         _sync(device)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         fn()
         _sync(device)
         out.append(time.perf_counter() - start)
+        if cpu_times is not None:
+            cpu_times.append(time.thread_time() - cpu)
     return out
 
 
@@ -92,7 +96,9 @@ def latency(model: nn.Module, size: int, batch: int, *, device: torch.device | s
             amp_dtype: torch.dtype | None = None) -> dict[str, Any]:
     """Inference latency of ``model`` on a ``batch × 3 × size × size`` input: ``latency_ms`` (the
     median of ``repeats`` timed passes after :data:`WARMUP`), ``latency_ms_min``,
-    ``latency_ms_max``, and the conditions (``latency_batch``, ``latency_repeats``,
+    ``latency_ms_max``; at one CPU thread ``latency_cpu_ms``, the median CPU time of the passes
+    (the latency with the core to itself: other processes on a shared machine do not inflate
+    it; caches and memory bandwidth they share still do); and the conditions (``latency_batch``, ``latency_repeats``,
     ``latency_threads``: torch's CPU threads, ``latency_device``). NHWC input with
     ``channels_last`` and autocast with ``amp_dtype``, as the trial feeds the model. The input
     comes from a private generator: the global random state is untouched."""
@@ -104,11 +110,17 @@ def latency(model: nn.Module, size: int, batch: int, *, device: torch.device | s
         x = x.contiguous(memory_format=torch.channels_last)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None \
         else contextlib.nullcontext()
+    cpu_times: list[float] = []
     with torch.no_grad(), autocast, exclusive_timing(device):
-        times = timings(lambda: model(x), device, repeats)
-    return {"latency_ms": 1e3 * statistics.median(times), "latency_ms_min": 1e3 * min(times),
-            "latency_ms_max": 1e3 * max(times), "latency_batch": batch, "latency_repeats": repeats,
-            "latency_threads": torch.get_num_threads(), "latency_device": device_name(device)}
+        times = timings(lambda: model(x), device, repeats, cpu_times=cpu_times)
+    out = {"latency_ms": 1e3 * statistics.median(times), "latency_ms_min": 1e3 * min(times),
+           "latency_ms_max": 1e3 * max(times), "latency_batch": batch, "latency_repeats": repeats,
+           "latency_threads": torch.get_num_threads(), "latency_device": device_name(device)}
+    if device.type == "cpu" and torch.get_num_threads() == 1:
+        # one thread computes the whole pass in this thread: its CPU time is the latency the pass
+        # would have had with the core to itself, whatever else the machine ran meanwhile
+        out["latency_cpu_ms"] = 1e3 * statistics.median(cpu_times)
+    return out
 
 
 def _masked_layers(model: nn.Module, masks: dict[str, Tensor]) -> dict[str, nn.Module]:
