@@ -31,7 +31,7 @@ FINAL_PREFIXES = ("selected_", "mask_stage_", "prompt_tunable", "final_epoch", "
 #: run tags read back as trial columns: the Pareto search's ranks (``sweeps/pareto.py``) and where
 #: a latency was measured
 TAG_COLUMNS = ("pareto_rank", "feasible", "pareto_reference", "pareto_objectives", "pareto_budget",
-               "latency_device")
+               "latency_device", "latency_layout")
 SELECT = "selected_val_acc"  # never the test set: per point and seed, keep the best on validation
 
 

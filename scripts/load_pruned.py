@@ -9,7 +9,7 @@ saved shapes) and then loaded strictly. Weight-masked models load into the dense
 (their pruned weights are zeros).
 
     python scripts/load_pruned.py results/.../model_export.pt            # prints the model's size
-    python scripts/load_pruned.py EXPORT --latency-batch 64 --threads 1  # and its latency here
+    python scripts/load_pruned.py EXPORT --latency-batch 64 --threads 1 --channels-last  # and its latency here
 
 or, in Python, copy :func:`load_pruned`. The latency is the median of ``--repeats`` timed
 forward passes after two warm-up passes, on the export's input size (``output_size``); the spread
@@ -50,9 +50,14 @@ def load_pruned(path: str) -> nn.Module:
     return model.eval()
 
 
-def time_model(model: nn.Module, size: int, batch: int, repeats: int = 20) -> list[float]:
-    """Milliseconds of ``repeats`` timed forward passes (after 2 warm-up passes) on the CPU."""
+def time_model(model: nn.Module, size: int, batch: int, repeats: int = 20,
+               channels_last: bool = False) -> list[float]:
+    """Milliseconds of ``repeats`` timed forward passes (after 2 warm-up passes) on the CPU, on
+    NCHW input or, with ``channels_last``, NHWC input (what vpns trials feed networks with
+    depthwise convolutions on a CPU; often much faster there)."""
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     times = []
     with torch.no_grad():
         for i in range(2 + repeats):
@@ -69,6 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency-batch", type=int, default=None, help="also time the model at this batch size")
     parser.add_argument("--repeats", type=int, default=20, help="timed passes (default 20)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="time on NHWC input (the trial's layout when it recorded latency_layout NHWC)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -77,8 +84,9 @@ def main(argv: list[str] | None = None) -> None:
           f"{sum(int((p != 0).sum()) for p in net.parameters())} nonzero")
     if args.latency_batch:
         size = torch.load(args.export, map_location="cpu", weights_only=True)["output_size"]
-        times = time_model(net, size, args.latency_batch, args.repeats)
-        print(f"latency at batch {args.latency_batch}, {size} px, {torch.get_num_threads()} CPU threads: "
+        times = time_model(net, size, args.latency_batch, args.repeats, args.channels_last)
+        layout = "NHWC" if args.channels_last else "NCHW"
+        print(f"latency at batch {args.latency_batch}, {size} px, {layout} input, {torch.get_num_threads()} CPU threads: "
               f"median {statistics.median(times):.2f} ms (min {min(times):.2f}, max {max(times):.2f}, "
               f"{args.repeats} timed passes)")
 

@@ -43,7 +43,7 @@ FINAL_PREFIXES = ("selected_", "mask_stage_", "prompt_tunable", "prompt_input_fr
                   "memory_", "flops_", "params_ratio", "params_m", "latency_", "train_speedup",
                   "train_memory_ratio", "removal_max_abs_diff")
 #: text values of the final report kept as run tags (what a latency was measured on)
-FINAL_TAGS = ("latency_device",)
+FINAL_TAGS = ("latency_device", "latency_layout")
 
 
 #: MLflow's own HTTP defaults (7 retries with exponential back-off, 120 s timeout) make every call

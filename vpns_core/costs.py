@@ -99,8 +99,9 @@ def latency(model: nn.Module, size: int, batch: int, *, device: torch.device | s
     ``latency_ms_max``; at one CPU thread ``latency_cpu_ms``, the median CPU time of the passes
     (the latency with the core to itself: other processes on a shared machine do not inflate
     it; caches and memory bandwidth they share still do); and the conditions (``latency_batch``, ``latency_repeats``,
-    ``latency_threads``: torch's CPU threads, ``latency_device``). NHWC input with
-    ``channels_last`` and autocast with ``amp_dtype``, as the trial feeds the model. The input
+    ``latency_threads``: torch's CPU threads, ``latency_device``, ``latency_layout``: NHWC with
+    ``channels_last``, else NCHW; the same network can differ by 1.8x between them) and autocast
+    with ``amp_dtype``, as the trial feeds the model. The input
     comes from a private generator: the global random state is untouched."""
     device = torch.device(device)
     model.to(device).eval()
@@ -115,7 +116,8 @@ def latency(model: nn.Module, size: int, batch: int, *, device: torch.device | s
         times = timings(lambda: model(x), device, repeats, cpu_times=cpu_times)
     out = {"latency_ms": 1e3 * statistics.median(times), "latency_ms_min": 1e3 * min(times),
            "latency_ms_max": 1e3 * max(times), "latency_batch": batch, "latency_repeats": repeats,
-           "latency_threads": torch.get_num_threads(), "latency_device": device_name(device)}
+           "latency_threads": torch.get_num_threads(), "latency_device": device_name(device),
+           "latency_layout": "NHWC" if channels_last else "NCHW"}
     if device.type == "cpu" and torch.get_num_threads() == 1:
         # one thread computes the whole pass in this thread: its CPU time is the latency the pass
         # would have had with the core to itself, whatever else the machine ran meanwhile

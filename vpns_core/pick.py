@@ -95,8 +95,10 @@ def describe(row: dict[str, Any]) -> str:
     if _known(row.get("latency_ms")):
         lines.append(f"  latency_ms {row['latency_ms']:.2f} (median of {row.get('latency_repeats', '?'):g} "
                      f"timed runs, {row.get('latency_ms_min', math.nan):.2f}-{row.get('latency_ms_max', math.nan):.2f}) "
-                     f"at batch {row.get('latency_batch', '?'):g}, on {row.get('latency_device', '?')} with "
-                     f"{row.get('latency_threads', '?'):g} thread(s), measured in the trial")
+                     f"at batch {row.get('latency_batch', '?'):g}, "
+                     + (f"{row['latency_layout']} input, " if row.get("latency_layout") else "") + f"on "
+                     f"{row.get('latency_device', '?')} with {row.get('latency_threads', '?'):g} thread(s), "
+                     f"measured in the trial")
     sizes = [f"{name} {row[name]:.4g}" for name in ("latency_cpu_ms", "params_m", "flops_g", "flops_nonzero_g")
              if _known(row.get(name))]
     if sizes:
@@ -116,11 +118,21 @@ def export_path(folder: Path, row: dict[str, Any]) -> Path:
     return path
 
 
+def channels_last(row: dict[str, Any], model: torch.nn.Module, device: torch.device) -> bool:
+    """Whether the trial timed its model on NHWC input: its ``latency_layout``, else (a sweep
+    recorded before the layout was) the trial's own rule (``channels_last`` or the model's)."""
+    from .models import prefers_channels_last
+    recorded = {"NHWC": True, "NCHW": False}.get(row.get("latency_layout"))
+    if recorded is None:
+        recorded = row.get("config.channels_last")
+    return bool(prefers_channels_last(model, device) if recorded is None else recorded)
+
+
 def remeasure(path: Path, row: dict[str, Any], repeats: int) -> dict[str, Any]:
     """Latency of the export at ``path`` here, rebuilt as a user loads it, at the trial's batch
     size, input size and thread count, on the CPU (or CUDA if the trial ran there and it is here)."""
     from .costs import latency
-    from .models import plain_model, prefers_channels_last
+    from .models import plain_model
     export = torch.load(path, map_location="cpu", weights_only=True)
     model = plain_model(export)
     device = torch.device("cuda" if str(row.get("latency_device", "")).startswith("cuda")
@@ -130,11 +142,8 @@ def remeasure(path: Path, row: dict[str, Any], repeats: int) -> dict[str, Any]:
     if _known(threads) and threads > 0:
         torch.set_num_threads(int(threads))
     try:
-        channels_last = row.get("config.channels_last")
-        if channels_last is None:
-            channels_last = prefers_channels_last(model, device)
         return latency(model, export["output_size"], int(row.get("latency_batch") or 64), device=device,
-                       repeats=repeats, channels_last=bool(channels_last))
+                       repeats=repeats, channels_last=channels_last(row, model, device))
     finally:
         torch.set_num_threads(previous)
 
@@ -189,7 +198,13 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, args.out)
         target = args.out
-        print(f"copied its export to {args.out} (loads without vpns: python scripts/load_pruned.py {args.out})")
+        from .models import plain_model
+        nhwc = channels_last(best, plain_model(torch.load(source, map_location="cpu", weights_only=True)),
+                             torch.device("cpu"))
+        layout = " --channels-last" if nhwc else ""
+        print(f"copied its export to {args.out} (loads without vpns; time it as the trial did: python "
+              f"scripts/load_pruned.py {args.out} --latency-batch {int(best.get('latency_batch') or 64)}"
+              f"{layout} --threads {int(best.get('latency_threads') or 1)})")
     else:
         print(f"its export: {source} (--out PATH copies it)")
     timed = {name: cap for name, cap in budget.limits if name in ("latency_ms", "latency_cpu_ms")}
@@ -198,8 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"re-measured here: latency_ms {again['latency_ms']:.2f} (median of {args.repeats}, "
               f"{again['latency_ms_min']:.2f}-{again['latency_ms_max']:.2f})"
               + (f", latency_cpu_ms {again['latency_cpu_ms']:.2f}" if "latency_cpu_ms" in again else "")
-              + f" at batch {again['latency_batch']}, on {again['latency_device']} with "
-              f"{again['latency_threads']} thread(s)")
+              + f" at batch {again['latency_batch']}, {again['latency_layout']} input, on "
+              f"{again['latency_device']} with {again['latency_threads']} thread(s)")
         for name, cap in timed.items():
             if name in again:
                 print(f"  {name} {again[name]:.2f}: {'fits' if again[name] <= cap else 'EXCEEDS'} the budget {name}<={cap:g}")
