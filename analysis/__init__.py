@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import (architectures, cost, input_size, learning_rates, pad_size, pilot, prompt_effect,
+from . import (architectures, cost, input_size, learning_rates, pad_size, pareto, pilot, prompt_effect,
                prompt_type, sparsity_curves, structured, transfer, vp_stage)
 from vpns_core.checkpoint import atomic_write
 
@@ -26,17 +26,17 @@ from .runs import Runs, read_parquet
 
 FIGURES = {m.NAME: m for m in (pad_size, input_size, prompt_type, vp_stage, sparsity_curves, cost,
                                architectures, transfer, pilot, structured, learning_rates,
-                               prompt_effect)}
+                               prompt_effect, pareto)}
 #: the figures each sweep script draws (others are added when its runs hold their axis)
 SCRIPT_FIGURES = {
     "ablation_pad": ["pad_size"], "ablation_input_size": ["input_size"],
     "ablation_prompt": ["prompt_type"], "ablation_stage": ["vp_stage"],
     "sparsity_curves": ["sparsity_curves", "cost"], "architectures": ["architectures"],
     "transfer": ["transfer"], "learning_rates": ["learning_rates"], "pilot": ["pilot"],
-    "structured": ["structured"], "prompt_effect": ["prompt_effect"],
+    "structured": ["structured"], "prompt_effect": ["prompt_effect"], "pareto": ["pareto"],
 }
 #: scripts whose settings mix several axes at once: only their own figure is meaningful
-_OWN_ONLY = {"prompt_effect"}
+_OWN_ONLY = {"prompt_effect", "pareto"}
 #: learning rates vary in every Optuna sweep (searched alongside its axis): their scatter is
 #: drawn for the learning-rate sweep only
 _NOT_BY_AXIS = {"learning_rates"}

@@ -86,6 +86,10 @@ def trials_table(runs: Runs) -> pd.DataFrame:
                          ("mask_stage_test_acc_noprompt", "after mask finding, without prompt (%)")):
         if column in trials:
             frame[name] = 100 * trials[column].astype(float)
+    for column, name in (("latency_ms", "latency (ms)"), ("params_m", "params / nonzeros (M)"),
+                         ("pareto_rank", "Pareto rank"), ("feasible", "fits the budget")):
+        if column in trials and trials[column].notna().any():
+            frame[name] = trials[column]
     return frame
 
 

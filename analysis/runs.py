@@ -26,7 +26,12 @@ from vpns_core.stats import mean_std, pick
 
 PROJECT = Path(__file__).resolve().parents[1]
 #: metrics of a trial's final report that the export keeps as plain columns
-FINAL_PREFIXES = ("selected_", "mask_stage_", "prompt_tunable", "final_epoch")
+FINAL_PREFIXES = ("selected_", "mask_stage_", "prompt_tunable", "final_epoch", "params_m", "flops_",
+                  "latency_")
+#: run tags read back as trial columns: the Pareto search's ranks (``sweeps/pareto.py``) and where
+#: a latency was measured
+TAG_COLUMNS = ("pareto_rank", "feasible", "pareto_reference", "pareto_objectives", "pareto_budget",
+               "latency_device", "latency_layout")
 SELECT = "selected_val_acc"  # never the test set: per point and seed, keep the best on validation
 
 
@@ -162,6 +167,9 @@ def _trial_row(run) -> dict[str, Any]:
             row[f"axis.{key}"] = text
     for key, value in metrics.items():
         row[key if key.startswith(FINAL_PREFIXES) else f"last.{key}"] = value
+    for key in TAG_COLUMNS:
+        if key in tags:
+            row[key] = _literal(tags[key]) if key in ("pareto_rank", "feasible", "pareto_reference") else tags[key]
     return row
 
 

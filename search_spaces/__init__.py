@@ -11,6 +11,10 @@ and ``space(preset) -> dict`` (the axes). An axis maps a name to its values:
 :mod:`search_spaces.points` resolves named points, lists every point of a space and checks them
 (without Ray).
 
+A search whose axes depend on each other (``pareto.py``: a pad only for methods with a prompt,
+one sparsity range per kind of method) returns instead a define-by-run space, an object that
+asks an Optuna trial for its parameters and lists the corners a preflight validates.
+
 Presets: ``paper`` (ImageNet ResNet-18 -> CIFAR-100 at 224 px, the paper's grids, for a GPU
 cluster), ``default`` (the embedded EfficientNet-Lite0 -> Fashion-MNIST, sized for a 2-core CPU)
 and ``tiny`` (a random-init tiny ResNet on a few hundred images: seconds per trial, for tests).

@@ -15,7 +15,11 @@ import sqlite3
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
+
+if TYPE_CHECKING:
+    from vpns_core.pareto import Budget
 
 TIMEOUT = 3.0  # seconds a network check waits
 TRACKING_SCHEMES = ("sqlite", "http", "https", "file")
@@ -57,6 +61,35 @@ def check_flags(args: argparse.Namespace) -> None:
         at_least("--seeds", seed, 0)
     if args.metric.startswith(("test", "selected_test")):
         raise UsageError(f"--metric {args.metric}: select on validation or training metrics, never on test")
+
+
+def check_multiobjective(args: argparse.Namespace) -> tuple[tuple[str, ...], "Budget"]:
+    """``--objectives`` and ``--budget`` of a Pareto search (``sweeps/pareto.py``), and the shared
+    flags it cannot honour: returns the costs to minimise and the budget."""
+    from sweeps.flags import METRIC, MODE
+    from vpns_core.pareto import parse_budget, parse_objectives
+    try:
+        costs = parse_objectives(args.objectives)
+    except ValueError as err:
+        raise UsageError(f"--objectives {args.objectives}: {err}") from None
+    try:
+        budget = parse_budget(args.budget)
+    except ValueError as err:
+        raise UsageError(f"--budget {','.join(args.budget)}: {err}") from None
+    if args.search != "optuna":
+        raise UsageError(f"--search {args.search}: this sweep searches the Pareto front with "
+                         f"Optuna's multi-objective sampler; use --search optuna (the default)")
+    if args.scheduler != "fifo":
+        raise UsageError(f"--scheduler {args.scheduler}: ASHA stops trials on one metric; a "
+                         f"multi-objective search runs every trial to its end; use --scheduler fifo "
+                         f"(the default)")
+    if (args.metric, args.mode) != (METRIC, MODE):
+        raise UsageError(f"--metric {args.metric} --mode {args.mode}: this sweep maximises the "
+                         f"validation accuracy and minimises --objectives; leave --metric and --mode out")
+    if "latency_cpu_ms" in (*costs, *dict(budget.limits)) and (args.gpus_per_trial > 0 or args.cpus_per_trial >= 2):
+        raise UsageError("--objectives/--budget latency_cpu_ms: a pass's CPU time is its latency only "
+                         "at one CPU thread; use it with --cpus-per-trial below 2 and no GPUs, or use latency_ms")
+    return costs, budget
 
 
 def check_local_resources(args: argparse.Namespace) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +35,11 @@ class Phase:
     records: list[dict[str, Any]]
     complete: bool
     checked_only: bool = False  # a dry run's phase: validated, never run
+    #: per trial id, columns computed once the phase ended (e.g. its Pareto rank): trials.parquet
+    derived: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: the phase's own result table (rows, in order), replacing the per-point mean ± std one
+    table: list[dict[str, Any]] | None = None
+    table_title: str = ""
 
 
 def collect(path: Path, phase: str, points: dict[str, dict]) -> list[dict[str, Any]]:
@@ -88,7 +93,8 @@ def export_parquet(sweep: Sweep, run_ids: dict[str, str]) -> tuple[Path, Path]:
                    "early_stopped": r["status"] == "TERMINATED" and r["final"] is None,
                    "error": r["error"], "num_failures": r["num_failures"],
                    "mlflow_run_id": run_ids.get(r["trial_id"]), "epochs_done": last.get("epoch"),
-                   "wall_time_s": last.get("wall_time_s")}
+                   "wall_time_s": last.get("wall_time_s"),
+                   "checkpoint": _relative(r["checkpoint"], sweep.dir)}
             # where it ran: the node it finished on (or stopped on) and every attempt's node
             ended = r["final"] or last
             row.update({k: ended.get(k) for k in PLACEMENT})
@@ -98,6 +104,7 @@ def export_parquet(sweep: Sweep, run_ids: dict[str, str]) -> tuple[Path, Path]:
             for key, value in (r["final"] or {}).items():
                 if key.startswith(FINAL_PREFIXES):
                     row[key] = value
+            row.update(phase.derived.get(r["trial_id"], {}))
             for key, value in last.items():
                 if key not in TUNE_KEYS and key not in row and not isinstance(value, (dict, list)):
                     row[f"last.{key}"] = value
@@ -114,13 +121,26 @@ def export_parquet(sweep: Sweep, run_ids: dict[str, str]) -> tuple[Path, Path]:
     return out
 
 
+def _relative(path: str | None, folder: Path) -> str | None:
+    """A trial's checkpoint folder relative to the sweep's folder (the sweep can move), or as
+    Tune gave it when it lies elsewhere (e.g. cloud storage)."""
+    if not path:
+        return None
+    try:
+        return str(Path(path).resolve().relative_to(folder.resolve()))
+    except ValueError:
+        return str(path)
+
+
 def _cell(value: Any) -> Any:
     return json.dumps(value) if isinstance(value, (dict, list)) else value
 
 
 def result_table(phase: Phase) -> list[dict[str, Any]]:
     """Per point of the phase's discrete axes (seeds pooled): trials done / stopped / failed and
-    mean ± std of the selected (validation-chosen) test accuracies."""
+    mean ± std of the selected (validation-chosen) test accuracies; or the phase's own table."""
+    if phase.table is not None:
+        return [{"phase": phase.name, **row} for row in phase.table]
     keys = [k for k in phase.axes if k != "seed"]
     groups: dict[tuple, list[dict]] = {}
     for r in phase.records:
@@ -158,11 +178,22 @@ def _cell_text(row: dict[str, Any], metric: str) -> str:
     return f"{row[metric]:.3f} (1 trial)" if math.isnan(std) else f"{row[metric]:.3f} ± {std:.3f}"
 
 
+def _text(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def print_results(sweep: Sweep, rows: list[dict[str, Any]]) -> None:
     """Per phase: the table of ``rows`` (from :func:`result_table`), the best trial by
     validation and the failed trials with the last line of their error."""
     for phase in sweep.phases:
         body = [r for r in rows if r["phase"] == phase.name]
+        if phase.table is not None:
+            columns = [k for k in dict.fromkeys(k for r in body for k in r) if k != "phase"]
+            print_table(phase.table_title or f"{sweep.script} [{sweep.preset}] phase '{phase.name}'",
+                        columns, [[_text(r.get(k)) for k in columns] for r in body])
+            continue
         keys = [k for k in phase.axes if k != "seed"]
         metrics = [m for m in TABLE_METRICS if any(m in r for r in body)]
         lines = [[str(r.get(k)) for k in keys + ["done", "stopped", "failed"]]

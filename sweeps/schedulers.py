@@ -44,6 +44,27 @@ class ShuffledGridSampler(optuna.samplers.GridSampler):
         return None
 
 
+class PhaseSearch:
+    """A phase that brings its own searcher and space (``Sweep.run_phase(..., search=...)``),
+    e.g. the multi-objective search of ``sweeps/pareto.py``; it runs with FIFO."""
+
+    #: the MLflow ``search`` tag of the phase's runs
+    name = "custom"
+    #: config keys the searcher sets: they name each trial (MLflow run names, table columns)
+    label_keys: tuple[str, ...] = ()
+
+    def configs(self) -> list[dict[str, Any]]:
+        """Config values (partial) that together cover the space, checked before any trial."""
+        raise NotImplementedError
+
+    def check_overrides(self, overrides: dict[str, Any]) -> None:
+        """Refuse a ``--set FIELD`` that the searcher itself sets (it would be overridden)."""
+
+    def tune_config(self, args: argparse.Namespace, *, default_samples: int,
+                    max_concurrent: int | None = None, reuse_actors: bool = True) -> tune.TuneConfig:
+        raise NotImplementedError
+
+
 def tune_config(args: argparse.Namespace, fixed: dict[str, Any], axes: dict[str, Any], *,
                 default_samples: int, sweep_name: str, max_concurrent: int | None = None,
                 reuse_actors: bool = True) -> tune.TuneConfig:

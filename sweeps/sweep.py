@@ -43,7 +43,7 @@ from sweeps.preflight import (UsageError, check_address, check_cluster_resources
                               check_tracking_uri, read_sweep_json)
 from sweeps.resources import check_resources, prepare_resources
 from sweeps.results import Phase, collect, export_parquet, print_results, result_table
-from sweeps.schedulers import tune_axis, tune_config
+from sweeps.schedulers import PhaseSearch, tune_axis, tune_config
 from sweeps.tracking import MLflowTracker, failure_reason, open_mlflow, ui_link
 from sweeps.trainable import trainable
 from vpns_core.checkpoint import atomic_write
@@ -89,10 +89,23 @@ class Sweep:
         return list(self.args.seeds or base_presets.seeds(self.preset))
 
     def run_phase(self, name: str, base: dict[str, Any], space: dict[str, Any], *,
-                  seed_axis: bool = True) -> Phase:
+                  seed_axis: bool = True, search: PhaseSearch | str | None = None) -> Phase:
         """Run (or resume) one Tune experiment over ``space`` on top of ``base``; in a dry run,
-        only check it (raises a user error naming the flag or field)."""
+        only check it (raises a user error naming the flag or field).
+
+        ``search`` says how the phase searches: None, as the sweep's ``--search`` and
+        ``--scheduler`` say; ``"grid"``, every point of ``space`` once with FIFO whatever the
+        flags (e.g. a reference phase of an Optuna sweep); a :class:`PhaseSearch`, its own
+        searcher over its own (define-by-run) space with FIFO (``space`` must be empty)."""
         args = self.args
+        custom = search if isinstance(search, PhaseSearch) else None
+        kind = "custom" if custom else (search or args.search)
+        if custom and space:
+            raise ValueError(f"phase '{name}': a PhaseSearch defines the space; got axes {list(space)}")
+        if custom or search == "grid":  # the phase's own searcher: flags that say so
+            args = argparse.Namespace(**{**vars(args), "search": "grid" if kind == "grid" else "optuna",
+                                         "scheduler": "fifo",
+                                         "num_samples": args.num_samples if custom else None})
         overrides = parse_overrides(args.set)
         check_set_against_points(overrides, named_points(space))
         fixed = {**base, **runtime_fields(args, base.get("num_workers", 0)), **overrides}
@@ -100,23 +113,30 @@ class Sweep:
             fixed["data_root"] = str(Path(args.data_root).resolve())
         fixed["tags"] = {**fixed.get("tags", {}), "sweep": self.name, "preset": self.preset}
         axes = dict(space)
-        if args.search == "optuna":
+        if kind == "optuna":
             axes.update({k: v for k, v in learning_rates.space(self.preset).items() if k not in axes})
         axes = {k: v for k, v in axes.items() if k not in overrides}  # --set FIELD fixes an axis
         if seed_axis and "seed" not in overrides:
-            if args.search == "grid":
+            if kind == "grid":
                 axes["seed"] = self.seeds
             else:
                 fixed["seed"] = self.seeds[0]
         for key in axes:
             fixed.pop(key, None)
+        if custom:
+            custom.check_overrides(overrides)
         points = named_points(axes)
         check_points(fixed, axes)
+        configs = point_configs(fixed, axes, points)
+        if custom:  # its space's corners, e.g. every method at both ends of its range
+            configs = [{**c, **corner} for c in configs for corner in custom.configs()]
+            for values in configs:
+                driver_config(values)
         if self.dry_run:
-            check_resources(point_configs(fixed, axes, points), download=args.download)
-            check_workers(args.workers_per_trial, point_configs(fixed, axes, points))
+            check_resources(configs, download=args.download)
+            check_workers(args.workers_per_trial, configs)
             if args.scheduler == "asha":
-                longest = max(driver_config(c).total_epochs for c in point_configs(fixed, axes, points))
+                longest = max(driver_config(c).total_epochs for c in configs)
                 if args.grace_period >= max(longest, 1):
                     raise UsageError(f"--grace-period {args.grace_period}: the trials of phase "
                                      f"'{name}' train {longest} epochs, so ASHA could never stop "
@@ -124,18 +144,20 @@ class Sweep:
             phase = Phase(name, listed_axes(axes), [], complete=True, checked_only=True)
             self.phases.append(phase)
             return phase
-        prepare_resources(point_configs(fixed, axes, points), download=args.download)
+        prepare_resources(configs, download=args.download)
         order = listed_axes(axes)  # results keep the space's order
+        if custom:  # sampled: no listed values, but the labels name every trial
+            order.update({k: [] for k in custom.label_keys if k not in order})
         label_keys = list(order)
-        run_order = longest_first(fixed, axes, points) if args.search == "grid" else axes
+        run_order = longest_first(fixed, axes, points) if kind == "grid" else axes
         param_space = {**fixed, **{k: tune_axis(v, args.search) for k, v in run_order.items()}}
         tracker = MLflowTracker(
             tracking_uri=args.tracking_uri, experiment_id=self.experiment_id,
             parent_run_id=self.parent_run_id, points=points, label_keys=label_keys,
             log_model=args.log_model,
             tags={"sweep": self.name, "phase": name, "script": self.script, "preset": self.preset,
-                  "mlflow.source.git.commit": git_commit(), "search": args.search,
-                  "scheduler": args.scheduler})
+                  "mlflow.source.git.commit": git_commit(),
+                  "search": custom.name if custom else args.search, "scheduler": args.scheduler})
         scaling = Scaling(workers=args.workers_per_trial, cpus=args.cpus_per_trial,
                           gpus=args.gpus_per_trial, storage=str(self.dir / "train" / name),
                           state_api=self.state_api)
@@ -147,14 +169,13 @@ class Sweep:
             tuner = tune.Tuner.restore(str(path), trainable=fn, resume_errored=False,
                                        restart_errored=args.retry_failed)
         else:
-            tuner = tune.Tuner(fn, param_space=param_space,
-                               tune_config=tune_config(args, fixed, axes, default_samples=self.default_samples,
-                                                       sweep_name=self.name,
-                                                       max_concurrent=concurrent_trials(scaling),
-                                                       # a stopped data-parallel trial's driver
-                                                       # takes more than Tune's 2 s to stop its
-                                                       # workers, which fails a reuse of its actor
-                                                       reuse_actors=scaling.workers == 1),
+            # a stopped data-parallel trial's driver takes more than Tune's 2 s to stop its
+            # workers, which fails a reuse of its actor
+            runtime = dict(default_samples=self.default_samples,
+                           max_concurrent=concurrent_trials(scaling), reuse_actors=scaling.workers == 1)
+            config = (custom.tune_config(args, **runtime) if custom
+                      else tune_config(args, fixed, axes, sweep_name=self.name, **runtime))
+            tuner = tune.Tuner(fn, param_space=param_space, tune_config=config,
                                run_config=tune.RunConfig(
                                    name=name, storage_path=str(self.dir),
                                    # the reaper always: a resumed sweep may change N

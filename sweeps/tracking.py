@@ -36,11 +36,14 @@ TUNE_KEYS = {"timestamp", "time_this_iter_s", "time_total_s", "training_iteratio
              "checkpoint_dir_name", "done", "trial_id", "experiment_tag", "should_checkpoint",
              "final", "planned_epochs"}
 # Final-report keys kept as trial columns and MLflow metrics: the selected model's accuracies,
-# and for channel methods the dense-vs-pruned measurements (vpns_core.channel_pruning.compare).
+# every trial's cost record (vpns_core.costs.cost_record: params_m, flops_*, latency_*) and for
+# channel methods the dense-vs-pruned measurements (vpns_core.channel_pruning.compare).
 FINAL_PREFIXES = ("selected_", "mask_stage_", "prompt_tunable", "prompt_input_fraction",
                   "prompt_image_fraction", "trial_time_s", "dense_", "pruned_", "speedup",
-                  "memory_", "flops_", "params_ratio", "train_speedup", "train_memory_ratio",
-                  "removal_max_abs_diff")
+                  "memory_", "flops_", "params_ratio", "params_m", "latency_", "train_speedup",
+                  "train_memory_ratio", "removal_max_abs_diff")
+#: text values of the final report kept as run tags (what a latency was measured on)
+FINAL_TAGS = ("latency_device", "latency_layout")
 
 
 #: MLflow's own HTTP defaults (7 retries with exponential back-off, 120 s timeout) make every call
@@ -250,8 +253,10 @@ class MLflowTracker(tune.Callback):
         epoch = int(result.get("epoch", 0))
         values = {k: v for k, v in _numeric(result).items() if k.startswith(FINAL_PREFIXES)}
         values["final_epoch"] = epoch
+        from mlflow.entities import RunTag
+        tags = placement_tags(result) + [RunTag(k, str(result[k])) for k in FINAL_TAGS if result.get(k)]
         self.client.log_batch(run_id, metrics=[Metric(k, v, stamp, epoch) for k, v in values.items()],
-                              tags=placement_tags(result))
+                              tags=tags)
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info) -> None:
         self._guarded(trial, self._log_checkpoint, trial, checkpoint)

@@ -412,6 +412,46 @@ def check_effect(table, figure):
 CASES["prompt_effect"] = (effect_rows, check_effect)
 
 
+def pareto_rows():
+    """A Pareto search (no rank columns: the figure ranks as the sweep does) under params_m<=2."""
+    def point(method, sparsity, val, test, latency, params, **extra):
+        costs = {"selected_val_acc": val, "selected_test_acc": test, "latency_ms": latency,
+                 "latency_ms_min": 0.9 * latency, "latency_ms_max": 1.2 * latency, "params_m": params,
+                 "flops_g": params / 100, "pareto_objectives": "selected_val_acc:max,latency_ms:min",
+                 "pareto_budget": "params_m<=2", "latency_batch": 64, "latency_threads": 1,
+                 "latency_device": "cpu: test", **extra}
+        return trial(7, val, val, script="pareto", phase="search", method=method, sparsity=sparsity,
+                     extra={**costs, "pareto_reference": False})
+    rows = [point("depgraph", 0.7, 0.50, 0.48, 20.0, 0.6), point("depgraph", 0.5, 0.60, 0.55, 40.0, 1.2),
+            point("slim", 0.5, 0.55, 0.50, 45.0, 1.2),                   # dominated by depgraph 0.5
+            point("hydra", 0.9, 0.70, 0.66, 80.0, 1.5),
+            point("vpns_structured", 0.1, 0.75, 0.70, 70.0, 3.5)]      # best, but over the budget
+    dense = trial(7, 0.72, 0.72, script="pareto", phase="dense", method="dense", sparsity=0.9,
+                  extra={"selected_val_acc": 0.72, "selected_test_acc": 0.70, "latency_ms": 82.0,
+                         "params_m": 4.6, "flops_g": 0.046, "pareto_reference": True,
+                         "pareto_objectives": "selected_val_acc:max,latency_ms:min", "pareto_budget": "params_m<=2"})
+    return rows + [dense]
+
+
+def check_pareto(table, figure):
+    search = table[table["role"] == "search"]
+    ranks = dict(zip(search["config.method"] + " " + search["sparsity"].astype(str), search["rank"]))
+    assert ranks == {"depgraph 0.7": 1, "depgraph 0.5": 1, "hydra 0.9": 1, "slim 0.5": 2,
+                     "vpns_structured 0.1": 3}  # over the budget: after every trial that fits
+    assert list(search["fits"]) == [True, True, True, True, False]
+    front = search[search["rank"] == 1]
+    assert sorted(front["test_acc_pct"]) == pytest.approx([48, 55, 66]) and search[search["rank"] != 1]["test_acc_pct"].isna().all()
+    reference = table[table["role"] == "reference"].iloc[0]
+    assert close(reference["val_acc_pct"], 72) and math.isnan(reference["sparsity"])
+    text = " ".join(figure.caption)
+    assert "Budget params_m<=2: 4 of 5 trials fit" in text
+    assert "Front latency 20.0-80.0 ms (4.0x range) at batch 64" in text and "HYDRA" in text
+    assert analysis.figures_for(runs_of(pareto_rows()), "pareto") == ["pareto"]
+
+
+CASES["pareto"] = (pareto_rows, check_pareto)
+
+
 def test_rerun_comparison_pairs_points_and_seeds(tmp_path):
     from analysis import rerun
     first = [trial(s, p, p, pad_size=8, axes={"pad": 8}) for s, p in ((7, 0.60), (9, 0.64), (17, 0.62))]

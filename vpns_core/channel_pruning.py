@@ -26,7 +26,6 @@ class with fewer channels; :func:`architecture` describes its new shapes so that
 from __future__ import annotations
 
 import statistics
-import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +37,8 @@ import importlib
 import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from .costs import exclusive_timing, timings
 
 if TYPE_CHECKING:  # pragma: no cover
     from .methods.channel import ChannelMethod
@@ -399,22 +400,8 @@ def _param_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _median_time(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(timings(fn, device, repeats, warmup))
 
 
 def _peak_mb(fn: Callable[[], Any], model: nn.Module, device: torch.device) -> float:
@@ -492,8 +479,9 @@ def measure(model: nn.Module, size: int, *, device: torch.device | str = "cpu",
 def compare(dense: nn.Module, pruned: nn.Module, size: int, **kwargs: Any) -> dict[str, float]:
     """:func:`measure` on both models in the same process, and the ratios (pruned ÷ dense; ``speedup``
     = dense latency ÷ pruned latency at the largest batch)."""
-    d = measure(dense, size, **kwargs)
-    p = measure(pruned, size, **kwargs)
+    with exclusive_timing(kwargs.get("device", "cpu")):  # not while another trial times its model
+        d = measure(dense, size, **kwargs)
+        p = measure(pruned, size, **kwargs)
     big = max(kwargs.get("batches", (1, 64)))
     small = min(kwargs.get("batches", (1, 64)))
     out = {f"dense_{k}": v for k, v in d.items()}

@@ -73,7 +73,10 @@ class Config:
     channel_allocation: str = "layerwise"  # layerwise (same ratio per group) | global
     warmup_epochs: int = 0              # dense (sparse-regularised) training before pruning
     channel_reg: float | None = None    # slim / depgraph penalty; None = torch-pruning's default
-    measure_repeats: int = 5            # timed runs of the dense/pruned comparison (0 = skip)
+    # --- cost record (every trial; vpns_core/costs.py) ---------------------------------------
+    measure_repeats: int = 5            # timed runs of each latency measurement: the cost record and
+                                        # the channel methods' dense/pruned comparison (0 = skip timing)
+    latency_batch: int = 64             # batch size of the cost record's latency (latency_ms)
     # --- stage 1: mask finding (scores + prompt, Adam, cosine) ------------------------------
     mask_epochs: int = 2
     mask_lr: float = 0.01
@@ -212,7 +215,8 @@ class Config:
                            ("input_size", int), ("output_size", int), ("batch_size", int),
                            ("eval_batch_size", int), ("label_mapping_samples", int),
                            ("max_steps_per_epoch", int), ("num_threads", int),
-                           ("prune_batches", int), ("synflow_iterations", int)):
+                           ("prune_batches", int), ("synflow_iterations", int),
+                           ("latency_batch", int)):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 fail(name, "must be a positive integer")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import importlib
 import os
 import socket
 from collections.abc import Callable
@@ -328,6 +329,41 @@ def builder_spec(name: str, num_classes: int) -> dict[str, Any]:
                 "kwargs": {"num_classes": num_classes}}
     return {"module": "torchvision.models", "call": "get_model", "args": [name],
             "kwargs": {"weights": None, "num_classes": num_classes}}
+
+
+def plain_model(export: dict[str, Any]) -> nn.Module:
+    """The network of a ``model_export.pt`` (loaded dict) as a plain module in eval mode: built
+    by its ``builder``, resized to its ``architecture`` (channel counts) and loaded strictly with
+    its ``state_dict`` (masks already applied). ``scripts/load_pruned.py`` does the same without
+    importing vpns; both are tested against each other.
+
+    Raises:
+        ValueError: the builder is not the one vpns writes for the export's ``model`` (an
+            export names code to import and call; only vpns' own builders are run here).
+    """
+    spec = export["builder"]
+    if spec != builder_spec(export["model"], export["num_source_classes"]):
+        raise ValueError(f"builder: {spec} is not the builder vpns writes for model "
+                         f"{export['model']!r}; refusing to import and call it")
+    target: Any = importlib.import_module(spec["module"])
+    for attr in spec["call"].split("."):
+        target = getattr(target, attr)
+    model = target(*spec["args"], **spec["kwargs"])
+    state = export["state_dict"]
+    modules = dict(model.named_modules())
+    for name, attrs in export.get("architecture", {}).items():
+        module = modules[name]
+        for attr, value in attrs.items():
+            setattr(module, attr, value)
+        prefix = f"{name}." if name else ""
+        for key, value in list(module._parameters.items()):
+            if value is not None and prefix + key in state:
+                module._parameters[key] = nn.Parameter(torch.empty_like(state[prefix + key]))
+        for key, value in list(module._buffers.items()):
+            if value is not None and prefix + key in state:
+                module._buffers[key] = torch.empty_like(state[prefix + key])
+    model.load_state_dict(state, strict=True)
+    return model.eval()
 
 
 # --- layer surgery -------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Subset
 from .checkpoint import (CheckpointError, atomic_save, load_scaler_state, rng_state, safe_load, seed_everything,
                          set_rng_state)
 from .config import Config
+from .costs import cost_record
 from .data import (DataSplits, DeviceBatches, build_data, device_copy_bytes, hold_on_device, random_crop_flip,
                    stratified_sample)
 from .distributed import DataParallel, ShardedBatches, check_data_parallel, digest, sync_batchnorm
@@ -40,8 +41,8 @@ from .errors import ConfigError
 from .label_mapping import LabelMap, frequency_label_mapping, greedy_mapping, label_counts
 from .masking import MaskedNetwork, plain_state_dict
 from .methods import METHODS
-from .models import (SourceModel, build_model, first_layer, head_layer, prefers_channels_last, replace_head,
-                     set_bn_momentum)
+from .models import (SourceModel, build_model, first_layer, head_layer, plain_model, prefers_channels_last,
+                     replace_head, set_bn_momentum)
 from .prompts import Prompt, build_prompt
 from .resources import check_resources
 
@@ -866,6 +867,7 @@ class Trial:
             final["mask_stage_test_acc_prompt"] = mask_stage[-1]["test_acc_prompt"]
             final["mask_stage_test_acc_noprompt"] = mask_stage[-1]["test_acc_noprompt"]
         final.update(self.method.final_metrics(self))
+        final.update(self.costs(export))
         final["trial_time_s"] = self.wall_time + self.eval_time  # training and evaluation
         final["prompt_tunable"] = self.prompt.tunable_count if self.uses_prompt else 0
         pad = self.uses_prompt and self.cfg.prompt == "pad"
@@ -873,9 +875,19 @@ class Trial:
         final["prompt_image_fraction"] = self.cfg.prompt_image_fraction if pad else 0.0
         return TrialResult(self.cfg, final, list(self.history), stats, self.workdir)
 
+    def costs(self, export: dict[str, Any]) -> dict[str, Any]:
+        """The cost record of the model this trial exports (:func:`vpns_core.costs.cost_record`),
+        rebuilt from ``export`` as a user loads it (:func:`vpns_core.models.plain_model`), on the
+        trial's device, with its input layout and autocast: parameters (nonzeros for
+        weight masks), FLOPs, and latency at ``cfg.latency_batch`` (``cfg.measure_repeats``
+        timed passes; 0 skips the timing)."""
+        return cost_record(plain_model(export), self.cfg.output_size, masks=export["masks"],
+                           device=self.device, batch=self.cfg.latency_batch, repeats=self.cfg.measure_repeats,
+                           channels_last=self._channels_last(), amp_dtype=self.amp_dtype)
+
 
 _RUNTIME_FIELDS = ("device", "amp", "num_workers", "num_threads", "eval_batch_size", "tags", "data_root",
-                   "download", "channels_last")
+                   "download", "channels_last", "measure_repeats", "latency_batch")  # no effect on training
 
 
 def run_trial(cfg: Config, workdir: str | Path, reporter: Reporter | None = None,

@@ -113,8 +113,13 @@ class Method:
         freshly built trial, before its model's state dict is loaded."""
 
     def export_entries(self, trial: "Trial") -> dict[str, Any]:
-        """Entries the method adds to ``model_export.pt``."""
-        return {}
+        """Entries the method adds to ``model_export.pt``: by default how to rebuild the plain
+        network without vpns (``scripts/load_pruned.py``), its builder and the channel counts of
+        every Conv/Linear/BatchNorm (a new linear head's included)."""
+        from ..channel_pruning import architecture
+        from ..models import builder_spec
+        return {"architecture": architecture(trial.model),
+                "builder": builder_spec(trial.cfg.model, trial.source.num_source_classes)}
 
     def final_metrics(self, trial: "Trial") -> dict[str, Any]:
         """Metrics the method adds to the trial's final row."""

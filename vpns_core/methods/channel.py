@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ..channel_pruning import ChannelPruner, architecture, compare, count_parameters, tp
+from ..channel_pruning import ChannelPruner, compare, count_parameters, tp
 from ..errors import ConfigError
-from ..models import build_model, builder_spec, replace_head
+from ..models import build_model, replace_head
 from .base import Method, register
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -121,11 +121,6 @@ class ChannelMethod(Method):
         if state.get("channels"):
             trial.channels.load_state(state["channels"])  # re-remove channels / re-attach scores
         trial.channels.removal_max_abs_diff = state.get("removal_max_abs_diff")
-
-    def export_entries(self, trial: "Trial") -> dict[str, Any]:
-        """A smaller architecture: how to rebuild it without vpns (``scripts/load_pruned.py``)."""
-        return {"architecture": architecture(trial.model),
-                "builder": builder_spec(trial.cfg.model, trial.source.num_source_classes)}
 
     def final_metrics(self, trial: "Trial") -> dict[str, Any]:
         """Dense vs pruned: parameters, FLOPs, latency/throughput at batch 1 and 64, peak memory,
