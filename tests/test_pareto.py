@@ -258,6 +258,7 @@ def test_resume_tags_the_ranks_again(swept):
     (["--budget", "latency_ms=fast"], "--budget latency_ms=fast: 'latency_ms=fast': the cap must be a number"),
     (["--scheduler", "asha"], "--scheduler asha: ASHA stops trials on one metric"),
     (["--set", "sparsity=0.5"], "--set sparsity: the Pareto search sets sparsity itself"),
+    (["--set", "method=hydra"], "--set method: the Pareto search sets method itself"),
 ])
 def test_usage_errors_name_the_flag_before_anything_runs(flag, words, tmp_path, capsys):
     from sweeps import pareto
