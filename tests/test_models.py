@@ -217,7 +217,7 @@ def test_tiny_resnet_is_fast():
             times.append(time.perf_counter() - start)
     finally:
         torch.set_num_threads(threads)
-    assert min(times) < 0.05
+    assert min(times) < 0.1  # 15-60 ms measured on 2-core Xeons; a ResNet-18 takes several times that
 
 
 @pytest.fixture(scope="module")
