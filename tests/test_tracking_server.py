@@ -41,8 +41,11 @@ class Server:
                    "--artifacts-destination", str(self.folder / "artifacts"),
                    "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
         log = open(self.folder / "server.log", "a")
+        # without MLflow 3's job runner: its eight huey consumer processes, which sweeps never use,
+        # each import MLflow at every start (README, "A shared tracking server")
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         self.proc = subprocess.Popen(["nice", *command], stdout=log, stderr=subprocess.STDOUT,
-                                     cwd=self.folder, start_new_session=True)
+                                     cwd=self.folder, start_new_session=True, env=env)
         deadline = time.time() + timeout
         while True:
             assert self.proc.poll() is None, (self.folder / "server.log").read_text()[-3000:]
