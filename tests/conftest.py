@@ -3,6 +3,8 @@ would not hold under cuDNN's nondeterminism, and its timings are sized for a CPU
 (``-m cuda``) run with ``VPNS_TEST_CUDA=1``, as ``scripts/gpu_check.sh`` does. Set here, before
 anything initialises CUDA, so that Ray's worker processes inherit it too."""
 import os
+import shutil
+from pathlib import Path
 
 if os.environ.get("VPNS_TEST_CUDA") != "1":
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
@@ -34,3 +36,20 @@ def ray_session():
     yield
     ray.shutdown()
 
+
+
+@pytest.fixture(scope="session")
+def mlflow_store(tmp_path_factory):
+    """``mlflow_store(folder)``: the URI of a new, empty MLflow SQLite store in ``folder``, a copy
+    of one made once per session (a new store runs MLflow's schema migrations: seconds; a copy
+    takes milliseconds). Tests of what happens on a store nobody has opened yet create their own."""
+    from mlflow.tracking import MlflowClient
+    template = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{template}").search_experiments()  # creates and migrates it
+
+    def make(folder: Path) -> str:
+        target = Path(folder) / "mlflow.db"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(template, target)
+        return f"sqlite:///{target}"
+    return make

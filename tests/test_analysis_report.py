@@ -62,10 +62,10 @@ def log_sweep(uri: str, rows: list[dict], folder) -> str:
 
 
 @pytest.fixture(scope="module")
-def logged(tmp_path_factory):
-    """One MLflow store (creating a database costs seconds) holding one synthetic pad sweep."""
+def logged(tmp_path_factory, mlflow_store):
+    """One MLflow store holding one synthetic pad sweep."""
     folder = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{folder}/mlflow.db"
+    uri = mlflow_store(folder)
     rows = pad_rows()
     parent = log_sweep(uri, rows, folder)
     trials, _ = write_parquet(rows, folder / "sweep")
@@ -122,7 +122,7 @@ def test_report_embeds_figures_and_prompts_and_renders_in_a_headless_browser(log
     assert coloured.mean() > 0.002
 
 
-def test_ties_on_validation_pick_the_same_trial_from_mlflow_and_from_parquet(tmp_path):
+def test_ties_on_validation_pick_the_same_trial_from_mlflow_and_from_parquet(tmp_path, mlflow_store):
     """Two trials of one point and seed with equal validation accuracy: the later selected epoch
     wins, then the smaller trial id, whichever order a source lists them in (the CSVs of the two
     sources are byte-identical)."""
@@ -135,7 +135,7 @@ def test_ties_on_validation_pick_the_same_trial_from_mlflow_and_from_parquet(tmp
     # pad 16, seed 7 (val 0.80): same epoch, so the smaller trial id wins although listed last
     rows[6] = {**rows[6], "trial_id": "t9004", "selected_epoch": 4}
     rows.append({**rows[6], "trial_id": "t9003", "selected_test_acc_prompt": 0.20})
-    log_sweep(f"sqlite:///{tmp_path}/mlflow.db", rows, tmp_path)
+    log_sweep(mlflow_store(tmp_path), rows, tmp_path)
     trials, _ = write_parquet(rows, tmp_path / "sweep")
     common = ["pad_size", "--no-log", "--out"]
     assert cli.main([*common, str(tmp_path / "p"), "--trials", str(trials)]) == 0

@@ -237,13 +237,13 @@ def _kill_a_worker_after_first_epoch(storage: Path, killed: list, stop: threadin
         time.sleep(0.05)
 
 
-def test_sweep_on_two_workers_per_trial_survives_a_killed_worker(tmp_path, ray_train_session):
+def test_sweep_on_two_workers_per_trial_survives_a_killed_worker(tmp_path, ray_train_session, mlflow_store):
     import pyarrow.parquet as pq
     from mlflow.tracking import MlflowClient
 
     from sweeps.sweep import run_sweep
 
-    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    tracking = mlflow_store(tmp_path)
 
     killed: list[int] = []
     stop = threading.Event()

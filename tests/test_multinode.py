@@ -55,9 +55,9 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def tracking(tmp_path_factory):
-    """One MLflow database for the module (creating one costs seconds)."""
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+def tracking(tmp_path_factory, mlflow_store):
+    """One MLflow database for the module."""
+    return mlflow_store(tmp_path_factory.mktemp('mlflow'))
 
 
 def flags(tmp_path, tracking, address, *extra):

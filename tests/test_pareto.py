@@ -125,13 +125,13 @@ def test_search_space_and_constraints_reach_the_optuna_study():
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory, ray_session):
+def swept(tmp_path_factory, ray_session, mlflow_store):
     """A Pareto sweep on the tiny task with ResNet-18 (so that the export loads with torchvision
     alone): 4 search trials + the dense reference, minimising latency and size, within a size
     budget (parameter counts are exact, so which trials fit does not depend on the machine)."""
     from sweeps import pareto
     root = tmp_path_factory.mktemp("pareto")
-    tracking = f"sqlite:///{root}/mlflow.db"
+    tracking = mlflow_store(root)
     argv = ["--preset", "tiny", "--storage-path", str(root / "sweeps"), "--tracking-uri", tracking,
             "--name", "front", "--num-samples", "4", "--max-concurrent", "2",
             "--objectives", "latency_ms,params_m", "--budget", "params_m=5", "--optuna-seed", "2",
