@@ -187,6 +187,11 @@ class DataParallel:
         dist.all_reduce(out)
         return out
 
+    def sum_scalars(self, *values: Tensor | float, device: torch.device) -> Tensor:
+        """``values`` (scalar tensors or numbers, e.g. a loss sum, a count of correct answers, a
+        count of images) summed over the ranks in float64, in one all-reduce."""
+        return self.sum(torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values]))
+
     def broadcast_(self, tensor: Tensor) -> Tensor:
         """Overwrite ``tensor`` with rank 0's, in place."""
         target = tensor.data.view(torch.uint8) if tensor.dtype == torch.bool else tensor.data

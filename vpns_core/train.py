@@ -251,14 +251,10 @@ class Trial:
                       and any(dataset is d for d in (self.data.train_eval, self.data.val, self.data.test)))
         if persistent and (id(dataset), sampler is not None) in self._eval_loaders:
             return self._eval_loaders[(id(dataset), sampler is not None)]
-        if sampler is not None:
-            loader = DataLoader(dataset, batch_sampler=sampler, generator=generator, num_workers=workers,
-                                pin_memory=self.device.type == "cuda", persistent_workers=persistent)
-        else:
-            loader = DataLoader(
-                dataset, batch_size=batch_size, shuffle=train, drop_last=drop_last,
-                generator=generator, num_workers=workers, pin_memory=self.device.type == "cuda",
-                persistent_workers=persistent)
+        batching = dict(batch_sampler=sampler) if sampler is not None else \
+            dict(batch_size=batch_size, shuffle=train, drop_last=drop_last)
+        loader = DataLoader(dataset, **batching, generator=generator, num_workers=workers,
+                            pin_memory=self.device.type == "cuda", persistent_workers=persistent)
         if persistent:
             self._eval_loaders[(id(dataset), sampler is not None)] = loader
         return loader
@@ -314,9 +310,8 @@ class Trial:
                 seen += len(y)
         n = len(dataset)
         if self.dp is not None:  # each rank evaluated its shard: sum, and every image counts once
-            totals = self.dp.sum(torch.stack([correct.double(), loss.double(),
-                                              torch.tensor(float(seen), device=self.device).double()]))
-            correct, loss, seen = totals[0], totals[1], int(totals[2].item())
+            correct, loss, seen = self.dp.sum_scalars(correct, loss, seen, device=self.device)
+            seen = int(seen.item())
             if seen != n:
                 raise RuntimeError(f"evaluate: the {self.dp.world} ranks evaluated {seen} images of a "
                                    f"split of {n}")
@@ -607,9 +602,8 @@ class Trial:
                 self.progress({"stage": stage, "epoch": epoch + 1, "step": step + 1, "steps": steps,
                                "images": seen, "elapsed": time.perf_counter() - started})
         if self.dp is not None:  # the epoch's numbers over all ranks' images
-            totals = self.dp.sum(torch.stack([loss_sum.double(), correct.double(),
-                                              torch.tensor(float(seen), device=self.device).double()]))
-            loss_sum, correct, seen = totals[0], totals[1], int(totals[2].item())
+            loss_sum, correct, seen = self.dp.sum_scalars(loss_sum, correct, seen, device=self.device)
+            seen = int(seen.item())
         if not torch.isfinite(loss_sum):
             raise NonFiniteLossError(f"loss became non-finite in {stage} epoch {epoch}")
         return {"train_loss": loss_sum.item() / max(1, seen), "train_acc": correct.item() / max(1, seen),
@@ -833,7 +827,8 @@ class Trial:
 
     def finish(self) -> TrialResult:
         """Write masks, per-layer stats, the prompt image and the exported model; summarise.
-        In a data-parallel trial only rank 0 writes; every rank returns the same summary."""
+        In a data-parallel trial only rank 0 writes and measures the cost record (the other ranks'
+        summaries, without it, are not reported: sweeps/data_parallel.py)."""
         writes = self.dp is None or self.dp.is_main
         stats = [dict(name=s.name, numel=s.numel, kept=s.kept, density=s.density, pruned=s.pruned)
                  for s in self.net.layer_stats()] if self.net.mode != "dense" else []
@@ -867,7 +862,8 @@ class Trial:
             final["mask_stage_test_acc_prompt"] = mask_stage[-1]["test_acc_prompt"]
             final["mask_stage_test_acc_noprompt"] = mask_stage[-1]["test_acc_noprompt"]
         final.update(self.method.final_metrics(self))
-        final.update(self.costs(export))
+        if writes:  # one rank times the model; the others would only queue on the timing lock
+            final.update(self.costs(export))
         final["trial_time_s"] = self.wall_time + self.eval_time  # training and evaluation
         final["prompt_tunable"] = self.prompt.tunable_count if self.uses_prompt else 0
         pad = self.uses_prompt and self.cfg.prompt == "pad"
