@@ -1,7 +1,11 @@
 """The suite runs on the CPU, also on a machine with a GPU: its exact-resume comparisons (1e-6)
 would not hold under cuDNN's nondeterminism, and its timings are sized for a CPU. The CUDA tests
 (``-m cuda``) run with ``VPNS_TEST_CUDA=1``, as ``scripts/gpu_check.sh`` does. Set here, before
-anything initialises CUDA, so that Ray's worker processes inherit it too."""
+anything initialises CUDA, so that Ray's worker processes inherit it too.
+
+The README's test command runs the suite on two pytest-xdist workers, each one test file at a time
+(``-n 2 --dist loadfile``): a module's fixtures (its Ray session, its sweeps) are set up once, in
+one worker, and its tests run in file order, as they do serially (``pytest`` without ``-n``)."""
 import os
 import shutil
 from pathlib import Path

@@ -42,10 +42,29 @@ def trial_runs(tracking, sweep):
     return {run.data.tags["trial_id"]: run for run in runs}
 
 
+def check_run_contents(tracking, runs):
+    """The MLflow runs of the tiny pad sweep, run with ``--log-model``, hold the trial's tags,
+    params, per-epoch metrics and artifacts (the model among them)."""
+    client = MlflowClient(tracking)
+    assert {r.data.params["prompt"] != "none" for r in runs.values()} == {True, False}  # both kinds
+    for run in runs.values():
+        tags, params = run.data.tags, run.data.params
+        assert {"method", "prompt", "dataset", "model", "preset", "mlflow.source.git.commit",
+                "mlflow.parentRunId"} <= set(tags)
+        assert params["model"] == "tiny_resnet" and params["sparsity"] == "0.8"
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "test_acc")] == [1, 2]
+        assert "selected_test_acc" in run.data.metrics
+        names = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"layer_stats.json", "layer_stats.csv", "model"} <= names
+        assert ("prompt.png" in names) == (params["prompt"] != "none")
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_sweep_script_runs_on_the_tiny_preset(script, tmp_path, tracking, ray_session):
     module = importlib.import_module(f"sweeps.{script}")
-    assert module.main(flags(tmp_path, tracking, "--num-samples", "1")) == 0
+    logs_models = script == "ablation_pad"  # its runs are also checked in full
+    assert module.main(flags(tmp_path, tracking, "--num-samples", "1",
+                             *(["--log-model"] if logs_models else []))) == 0
     folder = sweep_dir(tmp_path)
     trials = pq.read_table(folder / "trials.parquet").to_pylist()
     epochs = pq.read_table(folder / "epochs.parquet").to_pylist()
@@ -57,6 +76,8 @@ def test_every_sweep_script_runs_on_the_tiny_preset(script, tmp_path, tracking, 
     assert {t["mlflow_run_id"] for t in trials} == {r.info.run_id for r in runs.values()}
     assert all(r.info.status == "FINISHED" for r in runs.values())
     assert (folder / f"{script}_table.csv").is_file()
+    if logs_models:
+        check_run_contents(tracking, runs)
 
 
 def test_sparsity_curves_full_grid_plans_every_pruning_method_at_every_level():
@@ -92,23 +113,6 @@ def test_result_table_has_no_std_for_one_trial_and_best_record_breaks_ties_like_
     # equal validation accuracy: the later selected epoch, then the smaller trial id
     assert best_record(Phase("trials", {}, records, complete=True))["trial_id"] == "c"
     assert best_record(Phase("trials", {}, records[:2], complete=True))["trial_id"] == "a"
-
-
-def test_mlflow_run_holds_params_epoch_metrics_and_artifacts(tmp_path, tracking, ray_session):
-    from sweeps import ablation_pad
-    assert ablation_pad.main(flags(tmp_path, tracking, "--log-model")) == 0
-    runs = trial_runs(tracking, sweep_dir(tmp_path).name)
-    client = MlflowClient(tracking)
-    for run in runs.values():
-        tags, params = run.data.tags, run.data.params
-        assert {"method", "prompt", "dataset", "model", "preset", "mlflow.source.git.commit",
-                "mlflow.parentRunId"} <= set(tags)
-        assert params["model"] == "tiny_resnet" and params["sparsity"] == "0.8"
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "test_acc")] == [1, 2]
-        assert "selected_test_acc" in run.data.metrics
-        names = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {"layer_stats.json", "layer_stats.csv", "model"} <= names
-        assert ("prompt.png" in names) == (params["prompt"] != "none")
 
 
 def test_optuna_and_asha_stop_trials_early(tmp_path, tracking, ray_session):
