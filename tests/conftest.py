@@ -41,7 +41,6 @@ def ray_session():
     ray.shutdown()
 
 
-
 @pytest.fixture(scope="session")
 def mlflow_store(tmp_path_factory):
     """``mlflow_store(folder)``: the URI of a new, empty MLflow SQLite store in ``folder``, a copy
