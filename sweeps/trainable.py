@@ -194,7 +194,7 @@ def _link(src: Path, dst: Path) -> None:
 
 def write_artifacts(cfg: Config, workdir: Path, out: Path, final: dict[str, Any]) -> None:
     """Copy masks, layer stats (JSON and CSV) and the export; draw the prompt; write final.json."""
-    from torchvision.utils import save_image
+    from PIL import Image
 
     from vpns_core.prompts import build_prompt
 
@@ -214,5 +214,7 @@ def write_artifacts(cfg: Config, workdir: Path, out: Path, final: dict[str, Any]
         prompt.load_state_dict(export["prompt"])
         image = prompt.image()
         scale = max(1, 256 // image.shape[-1])  # nearest-neighbour upscaling so pixels stay visible
-        save_image(image.repeat_interleave(scale, 1).repeat_interleave(scale, 2), out / "prompt.png")
+        image = image.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+        pixels = image.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to("cpu", torch.uint8)
+        Image.fromarray(pixels.numpy()).save(out / "prompt.png")  # 8-bit RGB, rounded
     (out / FINAL).write_text(json.dumps(final, indent=1, default=str))

@@ -36,7 +36,9 @@ def tiny(**changes) -> Config:
 def ray_session():
     """One local Ray session per test module (starting Ray costs seconds)."""
     import ray
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+
+    from sweeps.sweep import LOCAL_RAY_SYSTEM_CONFIG
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _system_config=LOCAL_RAY_SYSTEM_CONFIG)
     yield
     ray.shutdown()
 

@@ -55,15 +55,6 @@ def test_rng_state_saves_and_restores_only_the_trial_device(monkeypatch):
     assert len(resumed_on.set_calls) == 2
 
 
-def test_a_trial_of_a_weight_method_does_not_import_torch_pruning():
-    import subprocess
-    import sys
-    code = ("import sys; from vpns_core.train import Trial; "
-            "assert 'torch_pruning' not in sys.modules, 'imported'; print('ok')")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.stdout.strip() == "ok", out.stderr
-
-
 def test_trials_sharing_a_gpu_get_their_share_of_its_memory(monkeypatch):
     from sweeps.trainable import cap_gpu_memory
     calls = []

@@ -253,6 +253,25 @@ def test_tiny_imagenet_layouts(tmp_path, official_val):
     assert splits.train[0][0].shape == (3, 18, 18)
 
 
+# ---------------------------------------------------------------- resize_square
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("shape,size", [((5, 1, 28, 28), 27), ((5, 1, 28, 28), 32), ((3, 9, 13), 24),
+                                        ((2, 3, 64, 64), 36)])
+def test_resize_square_equals_torchvision_resize(native, shape, size, monkeypatch):
+    """Both branches (torch's native uint8 kernel, and float32 rounded, as on a CPU without AVX2
+    or on a GPU) give torchvision's values exactly, down and up, for any leading dimensions."""
+    from torchvision.transforms.v2.functional import _geometry
+    monkeypatch.setattr(data, "_NATIVE_UINT8_RESIZE", native)
+    monkeypatch.setattr(_geometry, "_do_native_uint8_resize_on_cpu", lambda interpolation: native)
+    images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    out = data.resize_square(images, size)
+    assert out.dtype == torch.uint8 and out.shape == (*shape[:-2], size, size)
+    assert torch.equal(out, F.resize(images, [size, size], antialias=True))
+    assert data.resize_square(out, size) is out  # already that size: untouched
+
+
 # ---------------------------------------------------------------- random_crop_flip
 
 

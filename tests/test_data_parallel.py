@@ -186,9 +186,11 @@ def ray_train_session():
     """A local Ray whose Train controllers poll their workers every 0.2 s (default 2 s: each
     report would wait up to 2 s), set before Ray starts so its workers inherit it."""
     import ray
+
+    from sweeps.sweep import LOCAL_RAY_SYSTEM_CONFIG
     saved = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _system_config=LOCAL_RAY_SYSTEM_CONFIG)
     yield
     ray.shutdown()
     if saved is None:

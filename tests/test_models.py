@@ -196,6 +196,28 @@ def test_registered_models_build_and_run(name):
         assert model.module.eval()(torch.rand(2, 3, 32, 32)).shape == (2, model.num_source_classes)
 
 
+def test_tiny_resnet_block_is_torchvisions_basic_block(monkeypatch):
+    """vpns' own BasicBlock (so that the tiny model needs no torchvision) gives the tiny ResNet
+    torchvision's random init, state dict and outputs, in training and in eval mode."""
+    from torchvision.models.resnet import BasicBlock as TorchvisionBlock
+
+    from vpns_core import models
+    torch.manual_seed(0)
+    ours = models.TinyResNet(num_classes=10)
+    monkeypatch.setattr(models, "BasicBlock", TorchvisionBlock)
+    torch.manual_seed(0)
+    reference = models.TinyResNet(num_classes=10)
+    assert isinstance(reference.layers[1], TorchvisionBlock)
+    assert not isinstance(ours.layers[1], TorchvisionBlock)
+    theirs = reference.state_dict()
+    assert list(ours.state_dict()) == list(theirs)
+    assert all(torch.equal(v, theirs[k]) for k, v in ours.state_dict().items())
+    x = torch.rand(4, 3, 24, 24)
+    for mode in (True, False):
+        assert torch.equal(ours.train(mode)(x), reference.train(mode)(x))
+    assert all(torch.equal(v, theirs[k]) for k, v in ours.state_dict().items())  # same BN stats
+
+
 def test_torchvision_model_normalisation_and_classes():
     model = build_model("resnet18", pretrained=False)
     assert (model.mean, model.std, model.num_source_classes) == (

@@ -25,6 +25,7 @@ from ray._private import ray_constants
 from ray.cluster_utils import Cluster
 
 from sweeps import ablation_pad
+from sweeps.sweep import LOCAL_RAY_SYSTEM_CONFIG
 from sweeps.trainable import place
 from vpns_core.errors import ConfigError
 
@@ -40,7 +41,8 @@ def cluster():
     saved = os.environ.get("RAY_TMPDIR")
     os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="vpns-ray-", dir="/tmp")
     nodes = Cluster(initialize_head=True,
-                    head_node_args={"num_cpus": 0, "_system_config": FAST_FAILURE})
+                    head_node_args={"num_cpus": 0,
+                                    "_system_config": {**FAST_FAILURE, **LOCAL_RAY_SYSTEM_CONFIG}})
     for _ in range(2):
         nodes.add_node(num_cpus=1)
     ray.init(address=nodes.address, log_to_driver=False)

@@ -26,8 +26,11 @@ def tracking(tmp_path_factory, mlflow_store):
 
 
 def flags(tmp_path, tracking, *extra):
+    # One trial at a time: a phase's trials then run one after another in one reused Tune actor
+    # (each new trial process costs seconds of CPU in imports). Trials side by side in one sweep
+    # are tested in test_pareto.py, test_tracking_server.py and test_multinode.py.
     return ["--preset", "tiny", "--storage-path", str(tmp_path / "sweeps"), "--tracking-uri",
-            tracking, "--max-concurrent", "2", *extra]
+            tracking, "--max-concurrent", "1", *extra]
 
 
 def sweep_dir(tmp_path):

@@ -1,6 +1,8 @@
 """End-to-end trials on real Fashion-MNIST with the tiny ResNet (32 px, a few hundred images)."""
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,6 +14,21 @@ from vpns_core.models import build_model
 from vpns_core.train import CHECKPOINT, NonFiniteLossError, Trial, run_trial
 
 from conftest import TINY, tiny
+
+
+def test_a_tiny_trial_imports_neither_torchvision_nor_torch_pruning(tmp_path):
+    """A Ray trial process pays for every import: torchvision (seconds of CPU on 2 cores) is only
+    for torchvision models and the paper's file datasets, torch-pruning only for the channel
+    methods. A fresh process imports everything a trial of a weight method can reach (the
+    methods, the channel pruning module, the Tune trainable) and runs a tiny VPNs trial."""
+    code = ("import sys; import vpns_core.methods, vpns_core.channel_pruning, sweeps.trainable\n"
+            "from vpns_core.config import Config; from vpns_core.train import run_trial\n"
+            f"run_trial(Config(**{dict(TINY, method='vpns')!r}), {str(tmp_path)!r})\n"
+            "print(sorted(m for m in ('torchvision', 'torch_pruning') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1] == "[]"
+    assert (tmp_path / "layer_stats.json").is_file()  # the trial ran to its end
 
 
 def test_hydra_means_no_prompt_and_prompt_is_trained_in_vpns(tmp_path):

@@ -200,7 +200,7 @@ class Config:
     def _validate(self) -> None:
         from .data import DATASETS
         from .methods import METHODS, POST_PROMPTS
-        from .models import model_names
+        from .models import is_model_name
         from .prompts import PROMPTS
         from .masking import ALLOCATIONS
 
@@ -264,7 +264,7 @@ class Config:
         choice("post_prompt", POST_PROMPTS)
         choice("bip_optimizer", ("adam", "sgd"))
         choice("dataset", DATASETS.names())
-        if self.model not in model_names():
+        if not is_model_name(self.model):
             fail("model", "unknown model; choose from efficientnet_lite0, tiny_resnet or any "
                           "torchvision classification model (resnet18, resnet50, vgg16, ...)")
         # Geometry (MISSION.md): pad may exceed the zero border and overlap the image.

@@ -9,18 +9,18 @@ flip happen batched on the device (:func:`random_crop_flip`), so no worker proce
 from __future__ import annotations
 
 import gzip
+import platform
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import ConcatDataset, Dataset
-from torchvision import datasets as tvd
-from torchvision.transforms.v2 import functional as F
 
 from vpns_core.registry import Registry
 
@@ -28,6 +28,33 @@ FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 _CACHE_BYTES = 512 * 2**20  # tensor-backed splits up to this size are resized once, up front
+#: torch has a native uint8 kernel for antialiased bilinear resizing on these CPUs (torchvision's
+#: ``resize`` uses it there, and float32 elsewhere)
+_NATIVE_UINT8_RESIZE = (torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+                        or platform.machine() in ("aarch64", "arm64"))
+
+
+def _torchvision_datasets() -> Any:
+    """``torchvision.datasets``, imported on first use: the embedded datasets do not need it, and
+    importing torchvision costs every trial process about a second of CPU (``torch._dynamo``)."""
+    import torchvision.datasets
+    return torchvision.datasets
+
+
+def resize_square(images: Tensor, size: int) -> Tensor:
+    """uint8 images [..., C, H, W] -> [..., C, size, size], bilinear with antialiasing: the values of
+    torchvision's ``resize(images, [size, size], antialias=True)`` (tested equal), computed by the
+    same torch kernel, on uint8 where torch has a native uint8 kernel (the CPU, see
+    ``_NATIVE_UINT8_RESIZE``), else in float32 and rounded. Without torchvision, whose import
+    costs a trial process more than the resize."""
+    if images.shape[-2:] == (size, size):
+        return images
+    native = images.device.type == "cpu" and _NATIVE_UINT8_RESIZE
+    batch = images.reshape(-1, *images.shape[-3:])
+    out = torch.nn.functional.interpolate(batch if native else batch.float(), size=[size, size],
+                                          mode="bilinear", align_corners=False, antialias=True)
+    out = out if native else out.round_().to(images.dtype)
+    return out.reshape(*images.shape[:-2], size, size)
 
 
 class DataUnavailableError(FileNotFoundError):
@@ -162,7 +189,7 @@ def _fashion_mnist_files(root: Path | None) -> dict[str, Path] | None:
 def _load_fashion_mnist(root: Path | None, train: bool, download: bool) -> RawSplit:
     files = _fashion_mnist_files(root)
     if files is None and download and root is not None:
-        tvd.FashionMNIST(str(root), train=train, download=True)  # writes ROOT/FashionMNIST/raw
+        _torchvision_datasets().FashionMNIST(str(root), train=train, download=True)  # writes ROOT/FashionMNIST/raw
         files = _fashion_mnist_files(root)
     if files is None:
         raise FileNotFoundError("Fashion-MNIST IDX files not found")
@@ -283,7 +310,7 @@ def _all_present(required: tuple[str, ...]) -> Callable[[Path | None], bool]:
 
 
 def _add_files_dataset(name: str, num_classes: int, required: tuple[str, ...],
-                       make: Callable[[str, bool, bool], list[Dataset]] | None = None,
+                       make: Callable[[Any, str, bool, bool], list[Dataset]] | None = None,
                        downloadable: bool = True,
                        load: Callable[[Path | None, bool, bool], RawSplit] | None = None) -> None:
     hint = "DATA_ROOT/" + ", DATA_ROOT/".join(r.replace("|", " (or ") + (")" if "|" in r else "")
@@ -292,35 +319,35 @@ def _add_files_dataset(name: str, num_classes: int, required: tuple[str, ...],
         def load(root: Path | None, train: bool, download: bool) -> RawSplit:
             if root is None:
                 raise FileNotFoundError("no data root")
-            return _raw(make(str(root), train, download))
+            return _raw(make(_torchvision_datasets(), str(root), train, download))
     DATASETS.add(name, DatasetSpec(name, num_classes, False, hint, load, _all_present(required),
                                    downloadable=downloadable))
 
 
 _add_files_dataset("cifar10", 10, ("cifar-10-batches-py/data_batch_1", "cifar-10-batches-py/test_batch"),
-                   lambda r, t, d: [tvd.CIFAR10(r, train=t, download=d)])
+                   lambda tvd, r, t, d: [tvd.CIFAR10(r, train=t, download=d)])
 _add_files_dataset("cifar100", 100, ("cifar-100-python/train", "cifar-100-python/test"),
-                   lambda r, t, d: [tvd.CIFAR100(r, train=t, download=d)])
+                   lambda tvd, r, t, d: [tvd.CIFAR100(r, train=t, download=d)])
 _add_files_dataset("tiny_imagenet", 200, ("tiny-imagenet-200/train", "tiny-imagenet-200/val"),
                    downloadable=False, load=_load_tiny_imagenet)
 _add_files_dataset("food101", 101, ("food-101/meta", "food-101/images"),
-                   lambda r, t, d: [tvd.Food101(r, split="train" if t else "test", download=d)])
+                   lambda tvd, r, t, d: [tvd.Food101(r, split="train" if t else "test", download=d)])
 _add_files_dataset("flowers102", 102, ("flowers-102/jpg", "flowers-102/imagelabels.mat", "flowers-102/setid.mat"),
-                   lambda r, t, d: [tvd.Flowers102(r, split=s, download=d)
+                   lambda tvd, r, t, d: [tvd.Flowers102(r, split=s, download=d)
                                     for s in (("train", "val") if t else ("test",))])
 _add_files_dataset("dtd", 47, ("dtd/dtd/images", "dtd/dtd/labels"),
-                   lambda r, t, d: [tvd.DTD(r, split=s, partition=1, download=d)
+                   lambda tvd, r, t, d: [tvd.DTD(r, split=s, partition=1, download=d)
                                     for s in (("train", "val") if t else ("test",))])
 _add_files_dataset("oxford_pets", 37, ("oxford-iiit-pet/images", "oxford-iiit-pet/annotations"),
-                   lambda r, t, d: [tvd.OxfordIIITPet(r, split="trainval" if t else "test",
+                   lambda tvd, r, t, d: [tvd.OxfordIIITPet(r, split="trainval" if t else "test",
                                                       target_types="category", download=d)])
 _add_files_dataset("stanford_cars", 196, ("stanford_cars/devkit", "stanford_cars/cars_train",
                                           "stanford_cars/cars_test", "stanford_cars/cars_test_annos_withlabels.mat"),
-                   lambda r, t, d: [tvd.StanfordCars(r, split="train" if t else "test")],
+                   lambda tvd, r, t, d: [tvd.StanfordCars(r, split="train" if t else "test")],
                    downloadable=False)
 _add_files_dataset("imagenet", 1000, ("ILSVRC2012_devkit_t12.tar.gz|meta.bin",
                                       "ILSVRC2012_img_train.tar|train", "ILSVRC2012_img_val.tar|val"),
-                   lambda r, t, d: [tvd.ImageNet(r, split="train" if t else "val")],
+                   lambda tvd, r, t, d: [tvd.ImageNet(r, split="train" if t else "val")],
                    downloadable=False)
 
 
@@ -350,11 +377,10 @@ class ResizedImages(Dataset):
                 picked.new_zeros(0, picked.shape[1], size, size)
 
     def _resize(self, img: Tensor | Image.Image) -> Tensor:
-        if isinstance(img, Image.Image):
-            img = F.pil_to_tensor(F.resize(img.convert("RGB"), [self.size, self.size], antialias=True))
-        elif img.shape[-1] != self.size or img.shape[-2] != self.size:
-            img = F.resize(img, [self.size, self.size], antialias=True)
-        return img
+        if isinstance(img, Image.Image):  # a file dataset's, read through torchvision
+            from torchvision.transforms.v2 import functional as F
+            return F.pil_to_tensor(F.resize(img.convert("RGB"), [self.size, self.size], antialias=True))
+        return resize_square(img, self.size)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -533,8 +559,7 @@ class DeviceBatches:
 
     def _batch(self, idx: Tensor) -> tuple[Tensor, Tensor]:
         x = self.images.index_select(0, idx)
-        if x.shape[-1] != self.size or x.shape[-2] != self.size:
-            x = F.resize(x, [self.size, self.size], antialias=True)
+        x = resize_square(x, self.size)
         return x.expand(-1, 3, -1, -1), self.labels.index_select(0, idx)
 
 

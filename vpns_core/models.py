@@ -23,9 +23,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import torch
-import torchvision
 from torch import nn
-from torchvision.models.resnet import BasicBlock
 
 from .registry import Registry, UnknownNameError
 
@@ -65,9 +63,18 @@ _WEIGHTS_CHECKS: dict[str, Callable[[], object]] = {}
 # --- names ---------------------------------------------------------------------------------
 
 
+def _torchvision_models() -> Any:
+    """``torchvision.models``, imported on first use: importing torchvision costs a process about
+    a second of CPU (it imports ``torch._dynamo``), which every trial of a registered model would
+    otherwise pay in its Ray worker."""
+    import torchvision.models
+    return torchvision.models
+
+
 @functools.cache
 def _torchvision_names() -> tuple[str, ...]:
-    return tuple(torchvision.models.list_models(module=torchvision.models))
+    models = _torchvision_models()
+    return tuple(models.list_models(module=models))
 
 
 def model_names() -> list[str]:
@@ -75,8 +82,14 @@ def model_names() -> list[str]:
     return sorted(set(MODELS.names()) | set(_torchvision_names()))
 
 
+def is_model_name(name: str) -> bool:
+    """Whether ``name`` is a registered model or a torchvision classification model (only the
+    latter imports torchvision)."""
+    return name in MODELS or name in _torchvision_names()
+
+
 def _check_name(name: str) -> None:
-    if name in MODELS or name in _torchvision_names():
+    if is_model_name(name):
         return
     close = difflib.get_close_matches(name, model_names(), n=3)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
@@ -140,7 +153,7 @@ def build_model(name: str, *, pretrained: bool = True,
 
 def _default_weights(name: str) -> Any:
     try:
-        return torchvision.models.get_model_weights(name).DEFAULT
+        return _torchvision_models().get_model_weights(name).DEFAULT
     except (ValueError, KeyError, AttributeError):
         return None
 
@@ -172,7 +185,7 @@ def _torchvision_model(name: str, pretrained: bool) -> SourceModel:
     weights = _default_weights(name)
     mean, std = _weights_normalisation(weights)
     if not pretrained:
-        return SourceModel(torchvision.models.get_model(name, weights=None), mean, std, 1000, name)
+        return SourceModel(_torchvision_models().get_model(name, weights=None), mean, std, 1000, name)
     previous_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_SOCKET_TIMEOUT_S)  # an unreachable host must not hang a trial
     try:
@@ -186,7 +199,7 @@ def _torchvision_model(name: str, pretrained: bool) -> SourceModel:
         socket.setdefaulttimeout(previous_timeout)
     # The builder applies weight-specific settings (inception's transform_input, ViT image size)
     # and reads the file again from the cache; it was proven weights_only-safe just above.
-    module = torchvision.models.get_model(name, weights=weights)
+    module = _torchvision_models().get_model(name, weights=weights)
     return SourceModel(module, mean, std, len(weights.meta["categories"]), name)
 
 
@@ -210,7 +223,7 @@ def _from_checkpoint(name: str, path: str) -> SourceModel:
         if name in MODELS:
             replace_head(base.module, num_classes)
         else:  # the builder also resizes auxiliary heads (inception, googlenet)
-            base.module = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+            base.module = _torchvision_models().get_model(name, weights=None, num_classes=num_classes)
     try:
         base.module.load_state_dict(state_dict)
     except RuntimeError as err:
@@ -269,6 +282,28 @@ def efficientnet_lite0(pretrained: bool) -> SourceModel:
 
 
 _WEIGHTS_CHECKS["efficientnet_lite0"] = _lite0_weights_path
+
+
+class BasicBlock(nn.Module):
+    """The ResNet basic block (He et al. 2016): two 3x3 convolutions with BatchNorm, ReLU and an
+    identity (or ``downsample``) shortcut. Layer names, order of creation and forward pass are
+    torchvision's ``resnet.BasicBlock``, so :class:`TinyResNet`'s state dict, random init and
+    outputs are unchanged; it is defined here so that building it does not import torchvision."""
+
+    def __init__(self, in_ch: int, width: int, stride: int = 1,
+                 downsample: nn.Module | None = None) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, width, 3, stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        out += x if self.downsample is None else self.downsample(x)
+        return self.relu(out)
 
 
 class TinyResNet(nn.Module):
