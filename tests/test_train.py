@@ -17,7 +17,7 @@ from conftest import TINY, tiny
 
 
 def test_a_tiny_trial_imports_neither_torchvision_nor_torch_pruning(tmp_path):
-    """A Ray trial process pays for every import: torchvision (seconds of CPU on 2 cores) is only
+    """A Ray trial process pays for every import: torchvision (half a second of CPU) is only
     for torchvision models and the paper's file datasets, torch-pruning only for the channel
     methods. A fresh process imports everything a trial of a weight method can reach (the
     methods, the channel pruning module, the Tune trainable) and runs a tiny VPNs trial."""

@@ -65,8 +65,8 @@ _WEIGHTS_CHECKS: dict[str, Callable[[], object]] = {}
 
 def _torchvision_models() -> Any:
     """``torchvision.models``, imported on first use: importing torchvision costs a process about
-    a second of CPU (it imports ``torch._dynamo``), which every trial of a registered model would
-    otherwise pay in its Ray worker."""
+    half a second of CPU on 2 cores, which every trial of a registered model would otherwise pay
+    in its Ray worker."""
     import torchvision.models
     return torchvision.models
 
