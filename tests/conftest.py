@@ -32,13 +32,21 @@ def tiny(**changes) -> Config:
     return Config(**{**TINY, **changes})
 
 
+def start_local_ray() -> None:
+    """Start the local Ray a test module shares: 2 CPUs, no dashboard, and the system config of
+    a sweep's own local Ray (no idle workers pre-started)."""
+    import ray
+
+    from sweeps.sweep import LOCAL_RAY_SYSTEM_CONFIG
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _system_config=LOCAL_RAY_SYSTEM_CONFIG)
+
+
 @pytest.fixture(scope="module")
 def ray_session():
     """One local Ray session per test module (starting Ray costs seconds)."""
     import ray
 
-    from sweeps.sweep import LOCAL_RAY_SYSTEM_CONFIG
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _system_config=LOCAL_RAY_SYSTEM_CONFIG)
+    start_local_ray()
     yield
     ray.shutdown()
 

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import tiny
+from conftest import start_local_ray, tiny
 from vpns_core.distributed import ReplicaDivergenceError, ShardedBatches
 from vpns_core.models import TinyResNet
 from vpns_core.train import CHECKPOINT, Trial
@@ -187,10 +187,9 @@ def ray_train_session():
     report would wait up to 2 s), set before Ray starts so its workers inherit it."""
     import ray
 
-    from sweeps.sweep import LOCAL_RAY_SYSTEM_CONFIG
     saved = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _system_config=LOCAL_RAY_SYSTEM_CONFIG)
+    start_local_ray()
     yield
     ray.shutdown()
     if saved is None:
