@@ -247,7 +247,8 @@ def single_phase(space: ModuleType) -> Callable[[Sweep], None]:
 
 def run_sweep(script: str, plan: Callable[[Sweep], None], argv: list[str] | None = None, *,
               doc: str | None = None, search: str = "optuna", scheduler: str = "asha",
-              num_samples: int = 8, flags: Callable[[argparse.ArgumentParser], list[str]] | None = None) -> int:
+              num_samples: int = 8, flags: Callable[[argparse.ArgumentParser], list[str]] | None = None,
+              seeds: Callable[[str], tuple[int, ...]] | None = None) -> int:
     """Parse flags, check everything a user can get wrong (flags, ``--set``, every phase's
     space, data, weights, storage, tracking store, cluster) before Ray starts or anything is
     written, then start (or join) Ray, open the MLflow parent run, run ``plan(sweep)``, export
@@ -255,13 +256,16 @@ def run_sweep(script: str, plan: Callable[[Sweep], None], argv: list[str] | None
     line on stderr for a user's mistake.
 
     ``flags(parser)`` adds the script's own flags and returns their destinations: they define
-    the sweep (``--resume`` takes them from sweep.json like the shared ones). A start that fails
+    the sweep (``--resume`` takes them from sweep.json like the shared ones). ``seeds(preset)``
+    replaces the preset's seeds when ``--seeds`` is not given (the confirmation's new seeds). A start that fails
     before any trial ran marks the parent run FAILED and leaves no sweep folder behind, so the
     same ``--name`` can be used again."""
     parser = build_parser(script, doc, search, scheduler, num_samples)
     own = flags(parser) if flags is not None else []
     args = parser.parse_args(argv)
     args.own_flags = list(own)
+    if seeds is not None and args.seeds is None and not getattr(args, "resume", None):
+        args.seeds = list(seeds(args.preset))
     try:
         name, resuming = _preflight(script, args, plan, num_samples)
     except USER_ERRORS as err:

@@ -195,21 +195,24 @@ def test_prompt_plain_pass_without_the_frame():
 
 
 @pytest.mark.parametrize("model", ["tiny_resnet", "efficientnet_lite0"])  # Lite0 has dropout
-def test_an_inert_prompt_is_hydra_exactly(model, tmp_path):
-    """VPNs whose prompt cannot move (learning rate 1e-30) is the same computation as HYDRA
-    under the paper schedule: any difference would be a bug in the prompted path (it was one:
-    VPNs' extra evaluation pass drew from the global RNG, so its dropout masks differed)."""
+def test_a_frozen_prompt_is_hydra_exactly(model, tmp_path):
+    """VPNs whose prompt is frozen at zero (``learn_prompt=False``) is the same computation as
+    HYDRA under the paper schedule: any difference would be a bug in the prompted path (it was
+    one: VPNs' extra evaluation pass drew from the global RNG, so its dropout masks differed)."""
     cfg = tiny(mask_epochs=2, tune_epochs=2, model=model)
     hydra = Trial(cfg.replace(method="hydra"), tmp_path / "h")
     a = hydra.run()  # a trial's randomness starts at its construction (seeded there)
-    inert = Trial(cfg.replace(method="vpns", mask_prompt_lr=1e-30, tune_prompt_lr=1e-30), tmp_path / "v")
-    b = inert.run()
-    assert 0 < float(inert.prompt.delta.detach().abs().max()) < 1e-25  # trained, by nothing
-    for key in ("train_loss", "val_acc_noprompt", "sparsity"):
+    frozen = Trial(cfg.replace(method="vpns", learn_prompt=False), tmp_path / "v")
+    b = frozen.run()
+    assert float(frozen.prompt.delta.detach().abs().max()) == 0.0  # never moved
+    assert frozen.prompt.delta.grad is None  # and never had a gradient to move by
+    for key in ("train_loss", "val_acc_noprompt", "sparsity", "grad_steps"):
         assert [h[key] for h in a.history] == [h[key] for h in b.history], key
+    assert [h["prompt_lr"] for h in b.history] == [0.0] * 4
     assert b.final["selected_test_acc_prompt"] == a.final["selected_test_acc"]
-    for (name, layer), (_, other) in zip(hydra.net.layers, inert.net.layers):
+    for (name, layer), (_, other) in zip(hydra.net.layers, frozen.net.layers):
         assert torch.equal(layer.weight, other.weight), name
+        assert torch.equal(layer.weight_mask, other.weight_mask), name
 
 
 def test_channels_last_is_chosen_for_depthwise_models_and_changes_no_value(tmp_path):

@@ -50,7 +50,13 @@ class Config:
     pad_size: int = 8
     prompt_size: int | None = None      # fix/random square; None = same tunable count as pad
     vp_stages: str = "both"             # both | mask | tune | none (none = HYDRA)
+    learn_prompt: bool = True           # False: the prompt stays at its init (a pad: zero) and
+                                        # is never updated, while every prompted pass and step
+                                        # still runs (the control with the pads' exact updates)
     schedule: str = "paper"             # paper | reference (the authors' two-step loop; see README)
+    matched_updates: bool = False       # reference: a stage without the prompt runs twice its
+                                        # epochs, so it takes as many updates as a prompted stage
+                                        # (two steps per iteration); no change under paper
     # --- pruning ----------------------------------------------------------------------------
     method: str = "vpns"
     sparsity: float = 0.5
@@ -139,12 +145,26 @@ class Config:
     def prompt_in_tune_stage(self) -> bool:
         return self.prompt != "none" and self.effective_vp_stages in ("both", "tune")
 
+    def stage_epochs(self, stage: str) -> int:
+        """Epochs of stage ``mask`` or ``tune``: ``mask_epochs`` / ``tune_epochs``, doubled when
+        ``matched_updates`` asks a stage that runs without the prompt to take as many updates as
+        it would with it. Under the reference schedule a prompted iteration takes two steps (the
+        prompted one and the unprompted augmented one) and an unprompted iteration one, so the
+        unprompted stage takes twice the iterations: each still one augmented step, as the
+        method's own paper defines it (the other way to match, an extra unaugmented step per
+        iteration, is exactly ``learn_prompt=False``)."""
+        epochs = {"mask": self.mask_epochs, "tune": self.tune_epochs}[stage]
+        prompted = self.prompt_in_mask_stage if stage == "mask" else self.prompt_in_tune_stage
+        if self.matched_updates and self.schedule == "reference" and not prompted:
+            return 2 * epochs
+        return epochs
+
     @property
     def stage_plan(self) -> list[tuple[str, int]]:
         """The training stages this trial runs, in order, with their epochs (a transfer trial
         only fine-tunes)."""
         if self.mask_file is not None:
-            return [("tune", self.tune_epochs)]
+            return [("tune", self.stage_epochs("tune"))]
         from .methods import METHODS
         return METHODS.get(self.method).stages(self)
 
@@ -240,7 +260,7 @@ class Config:
                 fail(name, "must be a non-negative number")
         optional = ("channels_last", "data_on_device")
         for name in ("download", "pretrained", "prune_first", "prune_head", "amp", "test_every_epoch",
-                     *optional):
+                     "learn_prompt", "matched_updates", *optional):
             if not isinstance(getattr(self, name), bool) and not (name in optional and getattr(self, name) is None):
                 fail(name, "must be True or False" + (" or None" if name in optional else ""))
         if not (isinstance(self.sparsity, (int, float)) and 0.0 <= self.sparsity < 1.0):
@@ -278,6 +298,9 @@ class Config:
             fail("prompt_size", "needed for fix/random prompts when pad_size is 0")
         if self.prompt == "pad" and self.pad_size == 0 and self.effective_vp_stages != "none":
             fail("pad_size", "a pad prompt needs pad_size >= 1 (use prompt='none' for no prompt)")
+        if self.learn_prompt is False and (self.prompt == "none" or self.effective_vp_stages == "none"):
+            fail("learn_prompt", "False freezes a prompt, but this trial feeds none (prompt='none' "
+                                 "or a method without a prompt): leave it True")
         if not isinstance(self.tags, dict):
             fail("tags", "must be a dict of strings")
         METHODS.get(self.method).validate(self)

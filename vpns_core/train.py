@@ -277,6 +277,14 @@ class Trial:
     def prompt_params(self) -> list[nn.Parameter]:
         return list(self.prompt.parameters())
 
+    def prompt_groups(self, lr: float) -> list[dict[str, Any]]:
+        """The prompt's optimiser group at ``lr``, or none when ``cfg.learn_prompt`` is False:
+        the prompt then stays at its init (frozen, so without gradient) while the stage still
+        takes its prompted passes and steps."""
+        if not self.cfg.learn_prompt:
+            return []
+        return [{"params": self.prompt_params(), "lr": lr}]
+
     def head_groups(self, lr: float) -> list[dict[str, Any]]:
         """A new linear head is trained in the mask stage too (its weights are not pretrained)."""
         if self.new_head is None:
@@ -440,14 +448,14 @@ class Trial:
         cfg = self.cfg
         if not self.stage_pending(stage):
             return
-        epochs = cfg.tune_epochs if epochs is None else epochs
+        epochs = cfg.stage_epochs("tune") if epochs is None else epochs
         prompted = cfg.prompt_in_tune_stage if prompted is None else prompted
         if train_weights is None:
             train_weights = not (stage == "tune" and cfg.post_prompt == "zero_shot")
         groups = ([{"params": list(self.model.parameters()), "lr": cfg.tune_lr}] if train_weights
                   else self.head_groups(cfg.tune_lr))
         if prompted:
-            groups.append({"params": self.prompt_params(), "lr": cfg.tune_prompt_lr or cfg.tune_lr})
+            groups += self.prompt_groups(cfg.tune_prompt_lr or cfg.tune_lr)
         if cfg.prompt_in_mask_stage and not prompted:
             with torch.no_grad():  # "VP only in mask finding": the prompt is dropped here
                 for p in self.prompt_params():
@@ -687,7 +695,7 @@ class Trial:
             "sparsity_all_layers": report["sparsity_all_layers"],
             "min_layer_density": report["min_layer_density"],
             "lr": lrs[0],
-            "prompt_lr": lrs[-1] if prompted else 0.0,
+            "prompt_lr": lrs[-1] if prompted and cfg.learn_prompt else 0.0,
             "epoch_time_s": elapsed,
             "eval_time_s": eval_time,
             "images_per_s": train["images"] / elapsed if elapsed > 0 else 0.0,

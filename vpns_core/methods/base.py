@@ -63,7 +63,7 @@ class Method:
 
     def stages(self, cfg: "Config") -> list[tuple[str, int]]:
         """The training stages ``run`` calls, in order, with their epochs."""
-        return [("tune", cfg.tune_epochs)]
+        return [("tune", cfg.stage_epochs("tune"))]
 
     def validate(self, cfg: "Config") -> None:
         """Method-specific config checks; raise ``ConfigError`` naming the field."""

@@ -132,12 +132,12 @@ class BiP(Method):
     plot_order = 12
 
     def stages(self, cfg: "Config") -> list[tuple[str, int]]:
-        return [("mask", cfg.mask_epochs), ("tune", cfg.tune_epochs)]
+        return [("mask", cfg.stage_epochs("mask")), ("tune", cfg.stage_epochs("tune"))]
 
     def run(self, trial: "Trial") -> None:
         cfg = trial.cfg
         if trial.stage_pending("mask"):
-            trial.run_stage("mask", mask_stage_groups(trial, head=False), optimizer=cfg.bip_optimizer, epochs=cfg.mask_epochs,
+            trial.run_stage("mask", mask_stage_groups(trial, head=False), optimizer=cfg.bip_optimizer, epochs=cfg.stage_epochs("mask"),
                             prompted=cfg.prompt_in_mask_stage, step=BilevelStep(trial))
         trial.net.fix()
         trial.run_tune_stage()

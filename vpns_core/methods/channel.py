@@ -58,7 +58,7 @@ class ChannelMethod(Method):
 
     def stages(self, cfg: "Config") -> list[tuple[str, int]]:
         warmup = [("warmup", cfg.warmup_epochs)] if cfg.warmup_epochs else []
-        return warmup + [("tune", cfg.tune_epochs)]
+        return warmup + [("tune", cfg.stage_epochs("tune"))]
 
     def validate(self, cfg: "Config") -> None:
         super().validate(cfg)
@@ -209,7 +209,7 @@ class VPNsStructured(ChannelMethod):
 
     def stages(self, cfg: "Config") -> list[tuple[str, int]]:
         warmup = [("warmup", cfg.warmup_epochs)] if cfg.warmup_epochs else []
-        return warmup + [("mask", cfg.mask_epochs), ("tune", cfg.tune_epochs)]
+        return warmup + [("mask", cfg.stage_epochs("mask")), ("tune", cfg.stage_epochs("tune"))]
 
     def run(self, trial: "Trial") -> None:
         cfg = trial.cfg
@@ -219,8 +219,8 @@ class VPNsStructured(ChannelMethod):
             scores = ch.attach_scores() if not len(ch.scores) else list(ch.scores.values())
             groups = [{"params": scores, "lr": cfg.mask_lr}] + trial.head_groups(cfg.mask_lr)
             if cfg.prompt_in_mask_stage:
-                groups.append({"params": trial.prompt_params(), "lr": cfg.mask_prompt_lr or cfg.mask_lr})
-            trial.run_stage("mask", groups, optimizer="adam", epochs=cfg.mask_epochs,
+                groups += trial.prompt_groups(cfg.mask_prompt_lr or cfg.mask_lr)
+            trial.run_stage("mask", groups, optimizer="adam", epochs=cfg.stage_epochs("mask"),
                             prompted=cfg.prompt_in_mask_stage)
         trial.run_once("prune", lambda: self.select(trial))
         trial.run_tune_stage()

@@ -55,7 +55,7 @@ class LotteryTicket(Method):
 
     def stages(self, cfg: "Config") -> list[tuple[str, int]]:
         e = self.epochs_per_round(cfg)
-        return [(f"round{k}", e) for k in range(self.rounds(cfg))] + [("tune", cfg.tune_epochs)]
+        return [(f"round{k}", e) for k in range(self.rounds(cfg))] + [("tune", cfg.stage_epochs("tune"))]
 
     def run(self, trial: "Trial") -> None:
         cfg = trial.cfg

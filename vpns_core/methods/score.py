@@ -19,12 +19,12 @@ class ScoreMethod(Method):
     """
 
     def stages(self, cfg: "Config") -> list[tuple[str, int]]:
-        return [("mask", cfg.mask_epochs), ("tune", cfg.tune_epochs)]
+        return [("mask", cfg.stage_epochs("mask")), ("tune", cfg.stage_epochs("tune"))]
 
     def run(self, trial: "Trial") -> None:
         cfg = trial.cfg
         if trial.stage_pending("mask"):
-            trial.run_stage("mask", mask_stage_groups(trial), optimizer="adam", epochs=cfg.mask_epochs,
+            trial.run_stage("mask", mask_stage_groups(trial), optimizer="adam", epochs=cfg.stage_epochs("mask"),
                             prompted=cfg.prompt_in_mask_stage)
         trial.net.fix()
         trial.run_tune_stage()
@@ -40,7 +40,7 @@ def mask_stage_groups(trial: "Trial", head: bool = True) -> list[dict]:
     if head:
         groups += trial.head_groups(cfg.mask_lr)
     if cfg.prompt_in_mask_stage:
-        groups.append({"params": trial.prompt_params(), "lr": cfg.mask_prompt_lr or cfg.mask_lr})
+        groups += trial.prompt_groups(cfg.mask_prompt_lr or cfg.mask_lr)
     return groups
 
 @register
