@@ -17,8 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import (architectures, cost, input_size, learning_rates, pad_size, pareto, pilot, prompt_effect,
-               prompt_type, sparsity_curves, structured, transfer, vp_stage)
+from . import (architectures, confirmation, cost, input_size, learning_rates, pad_size, pareto, pilot,
+               prompt_effect, prompt_type, sparsity_curves, structured, transfer, vp_stage)
 from vpns_core.checkpoint import atomic_write
 
 from .plotting import Figure, save
@@ -26,7 +26,7 @@ from .runs import Runs, read_parquet
 
 FIGURES = {m.NAME: m for m in (pad_size, input_size, prompt_type, vp_stage, sparsity_curves, cost,
                                architectures, transfer, pilot, structured, learning_rates,
-                               prompt_effect, pareto)}
+                               prompt_effect, pareto, confirmation)}
 #: the figures each sweep script draws (others are added when its runs hold their axis)
 SCRIPT_FIGURES = {
     "ablation_pad": ["pad_size"], "ablation_input_size": ["input_size"],
@@ -34,9 +34,10 @@ SCRIPT_FIGURES = {
     "sparsity_curves": ["sparsity_curves", "cost"], "architectures": ["architectures"],
     "transfer": ["transfer"], "learning_rates": ["learning_rates"], "pilot": ["pilot"],
     "structured": ["structured"], "prompt_effect": ["prompt_effect"], "pareto": ["pareto"],
+    "confirm_prompt": ["confirmation"],
 }
 #: scripts whose settings mix several axes at once: only their own figure is meaningful
-_OWN_ONLY = {"prompt_effect", "pareto"}
+_OWN_ONLY = {"prompt_effect", "pareto", "confirm_prompt"}
 #: learning rates vary in every Optuna sweep (searched alongside its axis): their scatter is
 #: drawn for the learning-rate sweep only
 _NOT_BY_AXIS = {"learning_rates"}
@@ -91,18 +92,18 @@ def closing_note(figures: list[Figure], report: Path | None = None) -> str:
 
 def numbers(figure: Figure) -> str:
     """The plotted numbers as text: the point's columns, then mean ± std (n) of each quantity."""
-    from .plotting import LABELS
+    from .plotting import LABELS, fmt
     table = figure.table
     stems = [c[:-5] for c in table.columns if c.endswith("_mean")]
     if not stems:
         return table.head(10).to_string(index=False)
     counts = ("seeds", "trials", "ok", "failed", "stopped", "missing", "failed_trials")
-    keys = [c for c in table.columns if not c.endswith(("_mean", "_std", "_n")) and c not in counts]
+    keys = [c for c in table.columns if not c.endswith(("_mean", "_std", "_n", "_by_seed")) and c not in counts]
     rows = []
     for row in table.to_dict("records"):
         point = figure.label(row) if figure.label else \
             " ".join(f"{k.removeprefix('config.')}={row[k]}" for k in keys)
-        values = "; ".join(f"{LABELS.get(s, s)} {row[s + '_mean']:.2f} ± {row[s + '_std']:.2f}{'%' if s.endswith('_pct') else ''}"
+        values = "; ".join(f"{LABELS.get(s, s)} {fmt(row[s + '_mean'], row[s + '_std'], '%' if s.endswith('_pct') else '')}"
                            for s in stems if row.get(s + "_n", 0) > 0)
         rows.append(f"{point}: {values or 'no result'} [{int(row['ok'])}/{int(row['seeds'])} seeds]")
     return "\n".join(rows)

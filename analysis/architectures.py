@@ -2,8 +2,8 @@
 (``sweeps/architectures.py``)."""
 from __future__ import annotations
 
-from .plotting import (ACCURACY, ACCURACY_NOTE, Figure, context, draw, marker_note, metric_panels,
-                       TUNED_STEMS, grouped_noise_notes, status_note)
+from .plotting import (ACCURACY, ACCURACY_NOTE, Figure, best_notes, context, draw, marker_note,
+                       metric_panels, status_note)
 from .runs import Runs, aggregate
 from .sparsity_curves import METHOD_ORDER, STEMS, method_name
 
@@ -29,8 +29,8 @@ def build(runs: Runs) -> Figure:
 
     def label(row) -> str:
         return method_name(row["config.method"])
-    notes = grouped_noise_notes(table, "architecture", label, TUNED_STEMS,
-                                lambda arch, what: f"{arch}, {what}")
+    notes = best_notes(table, label, by="architecture",
+                       heading=lambda arch: f"{arch}, headline accuracy, highest method against the others")
     models = "; ".join(sorted({f"{architecture(r)} = {r['config.model']}, "
                                f"{'ImageNet-pretrained' if r['config.pretrained'] else 'random init'}"
                                for _, r in trials.iterrows()}))

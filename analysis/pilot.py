@@ -2,8 +2,8 @@
 model ("zero-shot"), or a prompt learned while fine-tuning (``post_prompt``)."""
 from __future__ import annotations
 
-from .plotting import (ACCURACY, ACCURACY_NOTE, Figure, context, draw, marker_note, metric_panels,
-                       grouped_noise_notes, status_note)
+from .plotting import (ACCURACY, ACCURACY_NOTE, Figure, best_notes, context, draw, marker_note,
+                       metric_panels, status_note)
 from .runs import Runs, aggregate
 from .sparsity_curves import METHOD_ORDER, method_name
 
@@ -23,8 +23,10 @@ def build(runs: Runs) -> Figure:
 
     def label(row) -> str:
         return NAMES.get(row["config.post_prompt"], row["config.post_prompt"])
-    notes = grouped_noise_notes(table, "config.method", label, {"test_prompt_pct": "tested with prompt"},
-                                lambda method, what: f"{method_name(method)}, {what}")
+    # tested with the prompt: the pilot study's question is what a post-pruning prompt recovers
+    notes = best_notes(table, label, by="config.method", stem="test_prompt_pct",
+                       heading=lambda method: f"{method_name(method)}, tested with prompt, highest "
+                                              f"setting against the others")
     caption = [f"{context(runs, trials)}.",
                "Zero-shot: the pruned weights are frozen and only a prompt is learned (BatchNorm "
                "statistics still adapt); fine-tuning: the prompt is learned together with the "

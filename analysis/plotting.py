@@ -1,9 +1,11 @@
 """Plotting shared by the figure modules: panels of mean ± std over seeds, markers for points
-where seeds failed or are missing, a caption that says what is shown and whether differences
-exceed seed noise, and saving a figure as PNG + SVG + the CSV of its plotted numbers.
+where seeds failed or are missing, a caption that says what is shown and tests its differences
+(paired by seed, Holm over the figure: :func:`vpns_core.stats.paired`), and saving a figure as
+PNG + SVG + the CSV of its plotted numbers.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import textwrap
 from collections.abc import Callable, Sequence
@@ -21,6 +23,7 @@ from matplotlib.transforms import blended_transform_factory  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from vpns_core.checkpoint import atomic_write  # noqa: E402
+from vpns_core.stats import paired  # noqa: E402
 
 from .runs import Runs, aggregate  # noqa: E402
 
@@ -30,16 +33,25 @@ ACCURACY = {
     "test_noprompt_pct": ("selected_test_acc_noprompt", 100.0),
     "mask_prompt_pct": ("mask_stage_test_acc_prompt", 100.0),
     "mask_noprompt_pct": ("mask_stage_test_acc_noprompt", 100.0),
+    # the schedule's headline (without the prompt under reference, with it under paper): the
+    # accuracy every caption's comparisons read
+    "test_pct": ("selected_test_acc", 100.0),
 }
 LABELS = {
     "test_prompt_pct": "tested with prompt",
     "test_noprompt_pct": "tested without prompt",
     "mask_prompt_pct": "after mask finding, with prompt",
     "mask_noprompt_pct": "after mask finding, without prompt",
+    "test_pct": "headline (reference: without prompt; paper: with prompt)",
 }
 ACCURACY_NOTE = ("Accuracy: test set, at the weight-tuning epoch with the best validation accuracy "
                  "(never chosen on test); 'after mask finding' is the test accuracy at the end of "
-                 "stage 1, before weight tuning. Points: mean over seeds; error bars: ± 1 std.")
+                 "stage 1, before weight tuning. Points: mean over seeds; error bars: ± 1 std "
+                 "(a description, not a test). Differences are tested on the headline accuracy "
+                 "(without the prompt under the reference schedule, with it under the paper "
+                 "schedule), paired by seed: mean difference, 95% t-interval Holm-corrected over "
+                 "the figure's comparisons; 'not resolved' means the interval contains zero (the "
+                 "data cannot tell), not that there is no difference.")
 MARKER_NOTE = "Hollow markers: fewer seeds finished than planned; ×: no finished trial at that point."
 DATASET_NAMES = {"fashion_mnist": "Fashion-MNIST", "digits": "digits", "cifar10": "CIFAR-10",
                  "cifar100": "CIFAR-100", "tiny_imagenet": "Tiny-ImageNet", "food101": "Food-101",
@@ -127,7 +139,8 @@ def draw(table: pd.DataFrame, *, x: str, panels: list[Panel], xlabel: str, title
     """A grid of panels (columns) × ``rows`` values, each plotting its lines against ``x``
     (numeric, or ``categorical`` in ``order``), one colour per ``series`` value.
 
-    ``refs[(row value, stem)] = (mean, std, label)`` draws a horizontal reference line with a
+    ``refs[(row value, stem)] = (mean, std, label)`` (or a list of ``(mean, std, label,
+    linestyle)``) draws a horizontal reference line with a
     ± std band (the dense model). Returns the matplotlib figure.
     """
     if not categorical and len(ordered(table[x])) == 1:
@@ -181,9 +194,10 @@ def draw(table: pd.DataFrame, *, x: str, panels: list[Panel], xlabel: str, title
                     missing_used |= missing
             for line in panel.lines:
                 ref = (refs or {}).get((row_value, line.stem))
-                if ref is not None and not math.isnan(ref[0]):
-                    mean, std, label = ref
-                    ax.axhline(mean, color="black", ls=":", lw=1.2, label=label)
+                for mean, std, label, *style in ([ref] if isinstance(ref, tuple) else ref or []):
+                    if math.isnan(mean):
+                        continue
+                    ax.axhline(mean, color="black", ls=style[0] if style else ":", lw=1.2, label=label)
                     if not math.isnan(std):
                         ax.axhspan(mean - std, mean + std, color="black", alpha=0.08, lw=0)
             for h, lab in zip(*ax.get_legend_handles_labels()):
@@ -260,54 +274,60 @@ def context(runs: Runs, trials: pd.DataFrame, *, sparsity: bool = True) -> str:
 
 
 def fmt(mean: float, std: float, unit: str = "%") -> str:
-    if math.isnan(std):
-        return f"{mean:.1f}{unit}"
+    if math.isnan(std):  # one seed: no spread to show (never "± nan")
+        return f"{mean:.1f}{unit} (1 seed)"
     return f"{mean:.1f} ± {std:.1f}{unit}"
 
 
-def noise_note(table: pd.DataFrame, stem: str, label: Callable[[dict], str], what: str) -> str:
-    """Whether the best point's accuracy differs from the others by more than seed noise.
+def paired_notes(groups: list[tuple[str, dict[Any, dict], list[tuple[Any, Any]]]]) -> list[str]:
+    """One Holm family over every group's pairs (the figure's comparisons), one sentence per
+    group: ``(heading, {name: {seed: value}}, [(arm, control), ...])``."""
+    values, pairs, owner = {}, [], []
+    for g, (_, vals, group_pairs) in enumerate(groups):
+        values.update({(g, name): v for name, v in vals.items()})
+        pairs += [((g, a), (g, c)) for a, c in group_pairs]
+        owner += [g] * len(group_pairs)
+    comparisons = paired(values, pairs)
+    notes = []
+    for g, (heading, _, _) in enumerate(groups):
+        texts = [dataclasses.replace(c, arm=c.arm[1], control=c.control[1]).text()
+                 for c, o in zip(comparisons, owner) if o == g]
+        if texts:
+            notes.append(f"{heading}: " + "; ".join(texts) + ".")
+    return notes
 
-    Two points differ beyond seed noise when their mean ± std intervals do not overlap; with
-    fewer than two seeds at a point the noise is not measured and the sentence says so.
-    """
+
+def best_notes(table: pd.DataFrame, label: Callable[[dict], str], by: str | list[str] | None = None,
+               heading: Callable[[Any], str] = lambda key: "Headline accuracy, highest point against the others",
+               stem: str = "test_pct") -> list[str]:
+    """Within each group of ``by`` (the whole table when None): the point with the highest mean
+    against each other point, paired by seed (:func:`vpns_core.stats.paired`), one Holm family
+    over the whole figure. A point with one seed gets "not tested", never a ± nan."""
     if not has(table, stem):
-        return ""
-    done = [r for r in table.to_dict("records") if r[f"{stem}_n"] > 0]
-    if len(done) < 2:
-        return ""
-    mean, std = f"{stem}_mean", f"{stem}_std"
-    best = max(done, key=lambda r: r[mean])
-    others = [r for r in done if r is not best]
-    best_text = f"{label(best)} ({fmt(best[mean], best[std])})"
-    if all(r[f"{stem}_n"] < 2 for r in done):
-        return f"{what}: highest {best_text}; one seed per point, so seed noise is not measured."
-    if any(r[f"{stem}_n"] < 2 for r in done):
-        return (f"{what}: highest {best_text}; fewer than two seeds at some points, so seed noise "
-                f"is not measured and differences cannot be judged against it.")
-    beyond = [r for r in others if r[mean] + r[std] < best[mean] - best[std]]
-    within = [r for r in others if not r[mean] + r[std] < best[mean] - best[std]]
-    if not beyond:
-        spread = best[mean] - min(r[mean] for r in done)
-        return (f"{what}: all differences are within seed noise (mean ± std intervals overlap; "
-                f"spread of means {spread:.1f} points).")
-    text = (f"{what}: {best_text} is above {', '.join(label(r) for r in beyond)} beyond seed noise "
-            f"(non-overlapping mean ± std)")
-    if within:
-        text += f"; within seed noise of {', '.join(label(r) for r in within)}"
-    return text + "."
+        return []
+    parts = [(None, table)] if by is None else list(table.groupby(by, sort=False))
+    groups = []
+    for key, part in parts:
+        rows = [r for r in part.to_dict("records") if r[f"{stem}_n"] > 0]
+        if len(rows) < 2:
+            continue
+        best = max(rows, key=lambda r: r[f"{stem}_mean"])
+        groups.append((heading(key), {label(r): r[f"{stem}_by_seed"] for r in rows},
+                       [(label(best), label(r)) for r in rows if r is not best]))
+    return paired_notes(groups)
 
 
-def grouped_noise_notes(table: pd.DataFrame, by: str | list[str], label: Callable[[dict], str],
-                        stems: dict[str, str], name: Callable[[Any, str], str]) -> list[str]:
-    """:func:`noise_note` within each group of ``by`` (e.g. per architecture), for each
-    ``stem -> what`` of ``stems``; ``name(group key, what)`` heads each sentence."""
-    return [note for key, group in table.groupby(by) for stem, what in stems.items()
-            if (note := noise_note(group, stem, label, name(key, what)))]
-
-
-#: the two accuracies after weight tuning, as ``grouped_noise_notes`` takes them
-TUNED_STEMS = {"test_prompt_pct": "with prompt", "test_noprompt_pct": "without prompt"}
+def reference_notes(table: pd.DataFrame, references: dict[str, dict], label: Callable[[dict], str],
+                    heading: str = "Headline accuracy against the controls",
+                    stem: str = "test_pct") -> list[str]:
+    """Every point of ``table`` against every reference (``{name: {seed: value}}``, e.g. the
+    frozen pad and no prompt with as many updates), paired by seed, one Holm family."""
+    if not has(table, stem) or not references:
+        return []
+    rows = [r for r in table.to_dict("records") if r[f"{stem}_n"] > 0]
+    values = {**{label(r): r[f"{stem}_by_seed"] for r in rows}, **references}
+    pairs = [(label(r), ref) for ref in references for r in rows]
+    return paired_notes([(heading, values, pairs)])
 
 
 def status_note(table: pd.DataFrame, label: Callable[[dict], str]) -> str:
@@ -318,7 +338,8 @@ def status_note(table: pd.DataFrame, label: Callable[[dict], str]) -> str:
     extra = [r for r in rows if r.get("failed_trials", 0) > r["failed"]]
     if not short:
         seeds = max((int(r["seeds"]) for r in rows), default=0)
-        text = f"All {len(rows)} points finished at all {seeds} seeds."
+        text = (f"All {len(rows)} points finished at all {seeds} seeds." if len(rows) > 1 else
+                f"The point finished at {'its one seed' if seeds == 1 else f'all {seeds} seeds'}.")
     else:
         parts = []
         for row in short:
@@ -337,74 +358,44 @@ def marker_note(table: pd.DataFrame) -> list[str]:
     return [MARKER_NOTE] if len(table) and (table["ok"] < table["seeds"]).any() else []
 
 
-def accuracy_notes(table: pd.DataFrame, label: Callable[[pd.Series], str]) -> list[str]:
-    return [s for s in (noise_note(table, stem, label, name)
-                        for stem, name in (("test_prompt_pct", "With prompt"),
-                                           ("test_noprompt_pct", "Without prompt"),
-                                           ("mask_prompt_pct", "After mask finding with prompt"),
-                                           ("mask_noprompt_pct", "After mask finding without prompt")))
-            if s]
-
-
 def accuracy_figure(runs: Runs, trials: pd.DataFrame, *, name: str, title: str, x: str,
                     xlabel: str, setting: str, categorical: bool = False, order: Sequence = (),
                     tick_label: Callable[[Any], str] = str,
-                    reference: pd.DataFrame | None = None, reference_label: str = "") -> Figure:
+                    references: dict[str, pd.DataFrame] | None = None) -> Figure:
     """The ablation figure: accuracy (with / without prompt, after tuning / after mask finding)
     against one axis ``x`` of ``trials``, seeds aggregated; ``setting`` names what is fixed.
 
-    ``reference`` (trials of one setting, e.g. no prompt) is drawn in every panel as a line with
-    a ± std band, and the caption says which points differ from it beyond seed noise."""
+    ``references`` (label -> trials of one setting, e.g. the frozen pad, no prompt with as many
+    updates) are drawn in every panel as lines with a ± std band, and the caption tests every
+    point against every reference, paired by seed (one Holm family). Without references the
+    caption tests the highest point against the others."""
     table = aggregate(trials, [x], ACCURACY)
     def label(row: dict) -> str:
         return f"{xlabel.split(' (')[0]} {tick_label(row[x])}"
-    refs, ref_notes = {}, []
-    if reference is not None and len(reference):
-        ref_table = aggregate(reference, [x], ACCURACY)
+    refs, ref_values, ref_tables = {}, {}, []
+    styles = (":", "-.", "--")
+    for i, (ref_label, ref_trials) in enumerate((references or {}).items()):
+        if ref_trials is None or not len(ref_trials):
+            continue
+        ref_table = aggregate(ref_trials.assign(**{x: ref_label}), [x], ACCURACY)
         ref = ref_table.iloc[0]
-        for stem in ("test_prompt_pct", "mask_prompt_pct"):  # one band per panel
+        for stem in ("test_prompt_pct", "mask_prompt_pct"):  # one band per panel (a control
+            # without a learned prompt scores the same with and without it)
             if ref.get(f"{stem}_n", 0) > 0:
-                refs[(None, stem)] = (ref[f"{stem}_mean"], ref[f"{stem}_std"], reference_label)
-        ref_notes = [reference_note(table, ref, stem, label, what, reference_label)
-                     for stem, what in (("test_prompt_pct", "After weight tuning"),
-                                        ("mask_prompt_pct", "After mask finding"))]
-    caption = [f"{context(runs, trials if reference is None else pd.concat([trials, reference]))}. "
-               f"{setting}", ACCURACY_NOTE, *[n for n in ref_notes if n],
-               *accuracy_notes(table, label), status_note(table, label), *marker_note(table)]
-    full_title = f"{title}\n{context(runs, trials if reference is None else pd.concat([trials, reference]))}"
-    fig = draw(table, x=x, panels=accuracy_panels(table), xlabel=xlabel, title=full_title,
-               caption=caption, categorical=categorical, order=order, tick_label=tick_label,
-               refs=refs or None)
-    if refs:  # the reference's numbers travel with the plotted ones (CSV, closing note)
-        table = pd.concat([ref_table, table], ignore_index=True)
+                refs.setdefault((None, stem), []).append(
+                    (ref[f"{stem}_mean"], ref[f"{stem}_std"], ref_label, styles[i % len(styles)]))
+        ref_values[ref_label] = ref["test_pct_by_seed"]
+        ref_tables.append(ref_table)
+    notes = (reference_notes(table, ref_values, label) if ref_values else best_notes(table, label))
+    everything = pd.concat([trials, *(t for t in (references or {}).values() if t is not None)])
+    caption = [f"{context(runs, everything)}. {setting}", ACCURACY_NOTE, *notes,
+               status_note(table, label), *marker_note(table)]
+    fig = draw(table, x=x, panels=accuracy_panels(table), xlabel=xlabel,
+               title=f"{title}\n{context(runs, everything)}", caption=caption,
+               categorical=categorical, order=order, tick_label=tick_label, refs=refs or None)
+    if ref_tables:  # the references' numbers travel with the plotted ones (CSV, closing note)
+        table = pd.concat([*ref_tables, table], ignore_index=True)
     return Figure(name, title, fig, table, caption, label=label)
-
-
-def reference_note(table: pd.DataFrame, ref: pd.Series, stem: str, label: Callable[[dict], str],
-                   what: str, ref_label: str) -> str:
-    """Which points lie above / below the reference (e.g. no prompt) beyond seed noise: their
-    mean ± std intervals do not overlap. Says so when either side has fewer than two seeds."""
-    if ref.get(f"{stem}_n", 0) == 0 or not has(table, stem):
-        return ""
-    mean, std = ref[f"{stem}_mean"], ref[f"{stem}_std"]
-    rows = [r for r in table.to_dict("records") if r[f"{stem}_n"] > 0]
-    head = f"{what}, against {ref_label} ({fmt(mean, std)})"
-    if math.isnan(std):
-        return f"{head}: {ref_label} has one seed, so no difference can be judged against seed noise."
-    judged = [r for r in rows if r[f"{stem}_n"] >= 2]
-    above = [r for r in judged if r[f"{stem}_mean"] - r[f"{stem}_std"] > mean + std]
-    below = [r for r in judged if r[f"{stem}_mean"] + r[f"{stem}_std"] < mean - std]
-    within = [r for r in judged if r not in above and r not in below]
-    parts = []
-    if above:
-        parts.append("above it beyond seed noise: " + ", ".join(label(r) for r in above))
-    if below:
-        parts.append("below it beyond seed noise: " + ", ".join(label(r) for r in below))
-    if within:
-        parts.append("within seed noise, i.e. no difference: " + ", ".join(label(r) for r in within))
-    if len(judged) < len(rows):
-        parts.append("not judged (one seed): " + ", ".join(label(r) for r in rows if r not in judged))
-    return f"{head}: " + "; ".join(parts) + "."
 
 
 # --- saving --------------------------------------------------------------------------------------
@@ -418,6 +409,7 @@ def save(figure: Figure, out_dir: str | Path) -> list[Path]:
     atomic_write(paths[0], lambda handle: figure.fig.savefig(handle, format="png", dpi=110))
     atomic_write(paths[1], lambda handle: figure.fig.savefig(handle, format="svg"))
     plt.close(figure.fig)
-    atomic_write(paths[2], lambda handle: handle.write(figure.table.to_csv(index=False).encode()))
+    plotted = figure.table.drop(columns=[c for c in figure.table if c.endswith("_by_seed")])
+    atomic_write(paths[2], lambda handle: handle.write(plotted.to_csv(index=False).encode()))
     figure.paths = paths
     return paths

@@ -1,12 +1,12 @@
 """The investigation of what drives the prompt's effect (``sweeps/prompt_effect.py``): test
 accuracy of every setting (mean ± std over seeds), grouped by phase, each phase's settings
-judged against the HYDRA setting of the same phase where there is one."""
+tested against the HYDRA setting of the same phase where there is one (paired by seed, Holm)."""
 from __future__ import annotations
 
 import pandas as pd
 
-from .plotting import (ACCURACY, ACCURACY_NOTE, Figure, accuracy_panels, context, draw, fmt, has,
-                       marker_note, status_note)
+from .plotting import (ACCURACY, ACCURACY_NOTE, Figure, paired_notes, accuracy_panels, context, draw,
+                       fmt, marker_note, status_note)
 from .runs import Runs, aggregate
 
 NAME = "prompt_effect"
@@ -28,7 +28,7 @@ def build(runs: Runs) -> Figure:
     def label(row: dict) -> str:
         return row["point"]
     caption = [f"{context(runs, trials)}. Settings in search_spaces/prompt_effect.py.", ACCURACY_NOTE,
-               *[n for n in (against_hydra(table, phase) for phase in phases) if n],
+               *against_hydra(table, phases),
                status_note(table, label), *marker_note(table)]
     fig = draw(table, x="point", panels=accuracy_panels(table), xlabel="phase: setting",
                title=f"{TITLE}\n{context(runs, trials)}", caption=caption, categorical=True,
@@ -36,27 +36,20 @@ def build(runs: Runs) -> Figure:
     return Figure(NAME, TITLE, fig, table, caption, label=label)
 
 
-def against_hydra(table: pd.DataFrame, phase: str) -> str:
-    """Each VPNs setting of ``phase`` against the phase's first HYDRA setting: the difference of
-    means, and whether it exceeds seed noise (mean ± std intervals that do not overlap)."""
-    rows = [r for r in table.to_dict("records") if r["phase"] == phase and r["test_prompt_pct_n"] > 0]
-    hydra = next((r for r in rows if ": hydra" in r["point"]), None)
-    if hydra is None:
-        return ""
-    parts = []
-    for r in rows:
-        if ": vpns" not in r["point"]:
+def against_hydra(table: pd.DataFrame, phases: list[str]) -> list[str]:
+    """Each VPNs setting of a phase against the phase's first HYDRA setting, paired by seed on
+    the headline accuracy (:func:`vpns_core.stats.paired`), one Holm family over the figure."""
+    groups = []
+    for phase in phases:
+        rows = [r for r in table.to_dict("records") if r["phase"] == phase and r["test_pct_n"] > 0]
+        hydra = next((r for r in rows if ": hydra" in r["point"]), None)
+        vpns = [r for r in rows if ": vpns" in r["point"]]
+        if hydra is None or not vpns:
             continue
-        stem = "test_prompt_pct" if "reference" not in r["point"] else "test_noprompt_pct"
-        if not has(table, stem):
-            continue
-        diff = r[f"{stem}_mean"] - hydra[f"{stem}_mean"]
-        apart = (abs(diff) > r[f"{stem}_std"] + hydra[f"{stem}_std"]
-                 if r[f"{stem}_n"] > 1 and hydra[f"{stem}_n"] > 1 else None)
-        verdict = {True: "beyond seed noise", False: "within seed noise", None: "noise not measured"}[apart]
-        parts.append(f"{r['point'].split(': ')[1]} {fmt(r[f'{stem}_mean'], r[f'{stem}_std'])} "
-                     f"({diff:+.1f} points, {verdict})")
-    if not parts:
-        return ""
-    return (f"Phase {phase}, against {hydra['point'].split(': ')[1]} "
-            f"({fmt(hydra['test_prompt_pct_mean'], hydra['test_prompt_pct_std'])}): " + "; ".join(parts) + ".")
+        def name(r):
+            return r["point"].split(": ")[1]
+        groups.append((f"Phase {phase}, headline accuracy against {name(hydra)} "
+                       f"({fmt(hydra['test_pct_mean'], hydra['test_pct_std'])})",
+                       {name(r): r["test_pct_by_seed"] for r in [hydra, *vpns]},
+                       [(name(r), name(hydra)) for r in vpns]))
+    return paired_notes(groups)

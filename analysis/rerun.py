@@ -4,9 +4,9 @@ with another thread count, or with other kernels).
     python -m analysis.rerun results/sweeps/A/trials.parquet results/sweeps/B/trials.parquet
 
 For every (point, seed) finished in both, the difference of the selected test accuracy; per point,
-whether the rerun's mean lies within the first run's mean ± std over seeds; overall, the largest
-and the median per-trial difference, next to the seed-to-seed std. Writes nothing; prints a table
-and returns 0 when every point of the rerun lands within the first run's spread, 1 otherwise.
+the rerun against the first run paired by seed (:func:`vpns_core.stats.paired`: 95% t-interval,
+Holm over the points); overall, the largest and the median per-trial difference. Writes nothing;
+prints a table and returns 0 when no point moved by a resolved amount, 1 otherwise.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from vpns_core.stats import mean_std
+from vpns_core.stats import mean_std, paired
 
 from .runs import read_parquet
 
@@ -35,8 +35,9 @@ def compare(first: pd.DataFrame, rerun: pd.DataFrame, metric: str = "selected_te
     """Per-trial differences and per-point agreement of ``metric`` (in points of %).
 
     Returns ``{"pairs": [...], "points": [...], "max_diff", "median_diff", "within": bool}``: a
-    pair per (point, seed) finished in both runs, a row per point with the first run's mean ± std
-    over seeds, the rerun's mean, and whether that mean lies within the first run's spread.
+    pair per (point, seed) finished in both runs, a row per point with both runs' mean ± std over
+    seeds and the paired comparison of the rerun against the first run (``within``: its
+    Holm-corrected interval contains zero, i.e. no resolved shift).
     """
     keys = point_columns(first)
     done = [t[t["finished"].astype(bool)].copy() for t in (first, rerun)]
@@ -48,7 +49,7 @@ def compare(first: pd.DataFrame, rerun: pd.DataFrame, metric: str = "selected_te
     common = a.index.intersection(b.index)
     pairs = [{"point": p, "seed": int(s), "first": a[(p, s)], "rerun": b[(p, s)],
               "diff": b[(p, s)] - a[(p, s)]} for p, s in common]
-    points = []
+    points, values, names = [], {}, []
     for p in dict.fromkeys(done[0]["_point"]):
         va = done[0].loc[done[0]["_point"] == p, "_value"].tolist()
         vb = done[1].loc[done[1]["_point"] == p, "_value"].tolist()
@@ -56,8 +57,14 @@ def compare(first: pd.DataFrame, rerun: pd.DataFrame, metric: str = "selected_te
             continue
         (mean_a, std_a, _), (mean_b, std_b, _) = mean_std(va), mean_std(vb)
         points.append({"point": p, "first_mean": mean_a, "first_std": std_a, "rerun_mean": mean_b,
-                       "rerun_std": std_b,
-                       "within": not math.isnan(std_a) and abs(mean_b - mean_a) <= std_a})
+                       "rerun_std": std_b})
+        values[("rerun", p)] = {s: b[(q, s)] for q, s in common if q == p}
+        values[("first", p)] = {s: a[(q, s)] for q, s in common if q == p}
+        names.append(p)
+    tests = paired(values, [(("rerun", p), ("first", p)) for p in names])
+    for row, test in zip(points, tests):
+        row["test"] = test
+        row["within"] = test.verdict != "resolved"
     diffs = [abs(x["diff"]) for x in pairs]
     return {"pairs": pairs, "points": points, "max_diff": max(diffs, default=math.nan),
             "median_diff": statistics.median(diffs) if diffs else math.nan,
@@ -67,10 +74,13 @@ def compare(first: pd.DataFrame, rerun: pd.DataFrame, metric: str = "selected_te
 
 def report(result: dict, metric: str) -> str:
     lines = [f"{metric} (test accuracy in %, at the validation-selected epoch)",
-             f"{'point':30s} {'first mean ± std':>18s} {'rerun mean ± std':>18s}  rerun within first's spread"]
+             f"{'point':30s} {'first mean ± std':>18s} {'rerun mean ± std':>18s}  rerun − first, paired by seed"]
     for r in result["points"]:
+        t = r["test"]
+        shift = (f"{t.diff:+.1f} [{t.low:+.1f}, {t.high:+.1f}]: {t.verdict}" if t.verdict != "not tested"
+                 else f"{t.diff:+.1f}: not tested ({t.n} paired seeds)")
         lines.append(f"{r['point']:30s} {r['first_mean']:8.1f} ± {r['first_std']:5.1f}    "
-                     f"{r['rerun_mean']:8.1f} ± {r['rerun_std']:5.1f}  {'yes' if r['within'] else 'NO'}")
+                     f"{r['rerun_mean']:8.1f} ± {r['rerun_std']:5.1f}  {shift}")
     lines.append(f"{'point':30s} {'seed':>5s} {'first':>7s} {'rerun':>7s} {'diff':>7s}")
     for p in result["pairs"]:
         lines.append(f"{p['point']:30s} {p['seed']:5d} {p['first']:7.1f} {p['rerun']:7.1f} {p['diff']:+7.1f}")

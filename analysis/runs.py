@@ -230,7 +230,8 @@ def aggregate(trials: pd.DataFrame, by: list[str], metrics: dict[str, tuple[str,
 
     ``metrics`` maps an output name to ``(column, factor)`` (e.g. ``"test_prompt_pct":
     ("selected_test_acc_prompt", 100)``); the result has ``<name>_mean``, ``<name>_std`` (sample
-    std, NaN below two seeds) and ``<name>_n``. Per point and seed, the finished trial with the
+    std, NaN below two seeds), ``<name>_n`` and ``<name>_by_seed`` (``{seed: value}``: what a
+    paired comparison reads, :func:`vpns_core.stats.paired`). Per point and seed, the finished trial with the
     best ``select`` (validation) accuracy counts, ties broken by :func:`vpns_core.stats.selection_key`
     (one trial per cell under a grid; an Optuna search over learning rates may leave several).
     Every point is expected at every seed of
@@ -249,7 +250,7 @@ def aggregate(trials: pd.DataFrame, by: list[str], metrics: dict[str, tuple[str,
     for point, group in trials.groupby(by, dropna=False, sort=True):
         point = point if isinstance(point, tuple) else (point,)
         counts = dict.fromkeys(CELL_STATES, 0)
-        values: dict[str, list[float]] = {name: [] for name in metrics}
+        values: dict[str, dict[Any, float]] = {name: {} for name in metrics}
         for seed in seeds:
             cell = group[group["config.seed"] == seed]
             ok = cell[cell["_state"] == "ok"]
@@ -260,7 +261,7 @@ def aggregate(trials: pd.DataFrame, by: list[str], metrics: dict[str, tuple[str,
                 for name, (column, factor) in metrics.items():
                     value = best.get(column)
                     if value is not None and not pd.isna(value):
-                        values[name].append(float(value) * factor)
+                        values[name][seed] = float(value) * factor
             elif (cell["_state"] == "failed").any():
                 counts["failed"] += 1
             elif (cell["_state"] == "stopped").any():
@@ -270,7 +271,8 @@ def aggregate(trials: pd.DataFrame, by: list[str], metrics: dict[str, tuple[str,
         row = {**dict(zip(by, point)), "seeds": len(seeds), "trials": len(group), **counts,
                "failed_trials": int((group["_state"] == "failed").sum())}
         for name, vals in values.items():
-            mean, std, n = mean_std(vals)
-            row.update({f"{name}_mean": mean, f"{name}_std": std, f"{name}_n": n})
+            mean, std, n = mean_std(list(vals.values()))
+            row.update({f"{name}_mean": mean, f"{name}_std": std, f"{name}_n": n,
+                        f"{name}_by_seed": vals})
         rows.append(row)
     return pd.DataFrame(rows)

@@ -7,7 +7,7 @@ import pandas as pd
 from vpns_core.methods import METHODS
 
 from .plotting import (ACCURACY, ACCURACY_NOTE, DATASET_NAMES, Figure, context, draw, marker_note,
-                       TUNED_STEMS, fmt, grouped_noise_notes, metric_panels, status_note)
+                       best_notes, fmt, metric_panels, status_note)
 from .runs import Runs, aggregate
 
 NAME = "sparsity_curves"
@@ -65,9 +65,10 @@ def build(runs: Runs) -> Figure:
 
     def label(row) -> str:
         return method_name(row["config.method"])
-    notes = grouped_noise_notes(table, ["config.dataset", "config.sparsity"], label, TUNED_STEMS,
-                                lambda point, what: f"{DATASET_NAMES.get(point[0], point[0])} at "
-                                                    f"{100 * point[1]:g}% sparsity, {what}")
+    notes = best_notes(table, label, by=["config.dataset", "config.sparsity"],
+                       heading=lambda point: f"{DATASET_NAMES.get(point[0], point[0])} at "
+                                             f"{100 * point[1]:g}% sparsity, headline accuracy, "
+                                             f"highest method against the others")
     dense_text = "; ".join(
         f"{DATASET_NAMES.get(r['config.dataset'], r['config.dataset'])}: with prompt "
         f"{fmt(r['test_prompt_pct_mean'], r['test_prompt_pct_std'])}, without "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from .plotting import (ACCURACY, ACCURACY_NOTE, DATASET_NAMES, Figure, context, draw, marker_note,
-                       TUNED_STEMS, fmt, grouped_noise_notes, metric_panels, ordered, status_note)
+                       best_notes, fmt, metric_panels, ordered, status_note)
 from .runs import Runs, aggregate
 from .sparsity_curves import METHOD_ORDER, method_name
 
@@ -41,7 +41,8 @@ def build(runs: Runs) -> Figure:
 
     def label(row) -> str:
         return method_name(row["config.method"])
-    notes = grouped_noise_notes(table, "transfer", label, TUNED_STEMS, lambda pair, what: f"{pair}, {what}")
+    notes = best_notes(table, label, by="transfer",
+                       heading=lambda pair: f"{pair}, headline accuracy, highest method against the others")
     source_text = "not in these runs"
     if len(source):
         src = aggregate(source, ["config.dataset", "config.method"], ACCURACY, seeds=seeds)

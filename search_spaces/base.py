@@ -41,30 +41,34 @@ def layout(kind: str, *, output_size: int, pad_size: int, input_size: int | None
 # runs all three too (``--seeds 7`` for a quick one-seed look); the tiny preset (tests) one.
 SEEDS = {"paper": (7, 9, 17), "default": (7, 9, 17), "tiny": (7,)}
 
-# ImageNet ResNet-18 -> CIFAR-100 at 224 px with the authors' code (MISSION.md): their two-step
-# loop evaluated without the prompt (schedule "reference"), the prompt over the image's outer
-# 16 px, 30 + 30 epochs, Adam 1e-4 for scores and prompt, SGD 0.01 for weights, batch 256, one
-# global threshold, frequency label mapping on the kept 1000-way head from the whole training
-# split. Model selection stays on a validation split (theirs reads the test set).
+# ImageNet ResNet-18 -> CIFAR-100 at 224 px with the authors' code (MISSION.md, checked against
+# their main.py): their two-step loop evaluated without the prompt (schedule "reference"), the
+# prompt over the image's outer 16 px, 30 + 30 epochs, Adam 1e-4 for scores and prompt, SGD 0.01
+# for weights, batch 256, one global threshold over every conv and linear layer, the classifier
+# included (prune_head), frequency label mapping on the kept 1000-way head from the whole
+# training split, fp32 (no AMP: they train without it). Model selection stays on a validation
+# split (theirs keeps the last epoch's model; its "best" accuracy is read on the test set).
 PAPER = dict(
     model="resnet18", pretrained=True, dataset="cifar100",
     data_root=os.environ.get("VPNS_DATA_ROOT", str(PROJECT / "data")),
     train_subset=None, test_subset=None, val_fraction=0.1, label_mapping_samples=None,
     **layout("over_image", output_size=224, pad_size=16), prompt="pad", vp_stages="both",
     schedule="reference",
-    method="vpns", sparsity=0.9, allocation="global", head="flm",
+    method="vpns", sparsity=0.9, allocation="global", head="flm", prune_head=True, amp=False,
     mask_epochs=30, tune_epochs=30, mask_lr=1e-4, tune_lr=0.01, batch_size=256,
     eval_batch_size=512, num_workers=4,
 )
 
-# The embedded default: ImageNet EfficientNet-Lite0 -> Fashion-MNIST at 90% sparsity with ERK
-# allocation (Lite0 collapses to chance at 90% with a global or uniform threshold), 2,400 training
-# (240 of them validation) and 1,000 test images, 2 + 2 epochs, chosen from the investigation in
-# the README (sweeps/prompt_effect.py): the authors' loop (schedule "reference": a prompted step
-# on an unaugmented batch, then an unprompted augmented step, evaluated without the prompt) in
-# the authors' layout (the prompt over the image's border, input = output = 64 px, pad 8). It
-# gave the largest (VPNs - HYDRA) / seed std of every setting measured: 83.5 +- 1.6% against
-# 76.4 +- 3.2% for HYDRA with as many updates (seeds 7, 9, 17), at about 5 min per VPNs trial.
+# The embedded default: ImageNet EfficientNet-Lite0 -> Fashion-MNIST at 90% sparsity, 2,400
+# training images with 240 validation images drawn beside them, 1,000 test images, 2 + 2 epochs:
+# the authors' loop (schedule "reference": a prompted step on an unaugmented batch, then an
+# unprompted augmented step, evaluated without the prompt) in the authors' layout (the prompt
+# over the image's border, input = output = 64 px). It departs from them on purpose: ERK
+# allocation (Lite0 collapses to chance at 90% under one global threshold), mask lr 1e-2 for
+# 2 + 2 epochs (theirs 1e-4 for 30 + 30), pad 8 of 64 px covering 44% of the pixels (theirs 26%).
+# It was chosen in the README's exploratory investigation as the setting with the largest
+# (VPNs - HYDRA) / seed std, on the same seeds and test images that table reports: its gaps there
+# are biased upward; the pre-registered confirmation (search_spaces/confirmation.py) is not.
 DEFAULT = dict(
     sparsity=0.9, allocation="erk",
     train_subset=2400, test_subset=1000, val_fraction=0.1,

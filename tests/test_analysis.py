@@ -11,7 +11,7 @@ import pytest
 
 import analysis
 from analysis import __main__ as cli
-from analysis.plotting import noise_note, save
+from analysis.plotting import best_notes, save
 from analysis.runs import Runs, aggregate, complete_config, read_parquet
 
 _ids = itertools.count()
@@ -31,7 +31,8 @@ def trial(seed, p=None, n=None, mp=None, mn=None, *, state="ok", script="ablatio
     row.update({f"config.{k}": v for k, v in config.items()})
     row.update({f"axis.{k}": str(v) for k, v in (axes or {}).items()})
     if state == "ok":
-        row.update({"selected_val_acc": p, "selected_test_acc_prompt": p, "selected_test_acc_noprompt": n})
+        row.update({"selected_val_acc": p, "selected_test_acc_prompt": p, "selected_test_acc_noprompt": n,
+                    "selected_test_acc": p})  # the paper schedule's headline: with the prompt
         if mp is not None:
             row.update({"mask_stage_test_acc_prompt": mp, "mask_stage_test_acc_noprompt": mn})
     row.update(extra or {})
@@ -71,8 +72,8 @@ def pad_rows():
 
 
 def check_pad(table, figure):
-    assert list(table["pad_px"]) == [0, 8, 16]
-    none, eight, sixteen = (by(table, pad_px=v) for v in (0, 8, 16))
+    assert list(table["pad_px"]) == ["no prompt, as many updates", "8", "16"]  # the control first
+    none, eight, sixteen = (by(table, pad_px=v) for v in ("no prompt, as many updates", "8", "16"))
     assert close(none["test_prompt_pct_mean"], 62) and close(none["test_prompt_pct_std"], 2)
     assert close(eight["test_prompt_pct_mean"], 71) and close(eight["test_prompt_pct_std"], math.sqrt(2))
     assert close(eight["test_noprompt_pct_mean"], 51) and close(eight["mask_prompt_pct_mean"], 42)
@@ -81,13 +82,14 @@ def check_pad(table, figure):
     assert close(sixteen["test_prompt_pct_mean"], 80) and math.isnan(sixteen["test_prompt_pct_std"])
     text = " ".join(figure.caption)
     assert "3 seeds (7, 9, 17)" in text and "preset tiny" in text and "Fashion-MNIST" in text
-    assert "fewer than two seeds" in text  # pad 16 has one seed: noise not measured there
     assert "pad width 16: 1/3 seeds finished (1 stopped early, 1 missing)" in text
     assert "pad width 8: 2/3 seeds finished (1 failed)" in text
-    # no prompt is the reference band: pad 8 (71 ± 1.4) lies above 62 ± 2 beyond seed noise
-    assert ("After weight tuning, against no prompt (62.0 ± 2.0%): above it beyond seed noise: "
-            "pad width 8; not judged (one seed): pad width 16.") in text
-    assert "twice the no-prompt setting's updates" not in text  # the paper schedule: one step each
+    # no prompt (the paper schedule: as many updates) is a control; two paired seeds test nothing
+    assert ("Headline accuracy against the controls: pad width 8 − no prompt, as many updates: "
+            "+10.0 points (2 seeds paired; at least 3 needed): not tested; pad width 16 − no "
+            "prompt, as many updates: +20.0 points (1 seed paired; at least 3 needed): not tested.") in text
+    assert "seed noise" not in text and "nan" not in text
+    assert "two steps" not in text  # the paper schedule: one step per iteration in every arm
 
 
 def input_rows():
@@ -105,8 +107,9 @@ def check_input(table, figure):
 
 def prompt_rows():
     return [trial(seed, p, 0.3, 0.2, 0.1, prompt=kind, extra={"prompt_tunable": 1344})
-            for kind, values in (("pad", (0.8, 0.82)), ("fix", (0.6, 0.62)), ("random", (0.5, 0.52)))
-            for seed, p in zip((7, 9), values)]
+            for kind, values in (("pad", (0.8, 0.82, 0.84)), ("fix", (0.6, 0.62, 0.61)),
+                                 ("random", (0.5, 0.52, 0.52)))
+            for seed, p in zip((7, 9, 17), values)]
 
 
 def check_prompt(table, figure):
@@ -114,7 +117,10 @@ def check_prompt(table, figure):
     assert close(by(table, config__prompt="pad")["test_noprompt_pct_mean"], 30)
     text = " ".join(figure.caption)
     assert "pad 1344, fix 1344, random 1344" in text
-    assert "prompt type pad (81.0 ± 1.4%) is above prompt type fix, prompt type random beyond seed noise" in text
+    # pad - fix: 20, 20, 23 points (p = 0.0025); pad - random: 30, 30, 32 (p = 0.0008): Holm over 2
+    assert ("Headline accuracy, highest point against the others: prompt type pad − prompt type "
+            "fix: +21.0 points, family-wise 95% CI (Holm over 2) [") in text
+    assert text.count("3 seeds: resolved") == 2
 
 
 def stage_rows():
@@ -127,7 +133,8 @@ def check_stage(table, figure):
     assert set(table["config.vp_stages"]) == {"both", "mask", "tune", "none"}
     assert close(by(table, config__vp_stages="tune")["test_prompt_pct_mean"], 85)
     assert close(by(table, config__vp_stages="none")["mask_noprompt_pct_mean"], 40)
-    assert "With prompt: all differences are within seed noise" in " ".join(figure.caption)
+    text = " ".join(figure.caption)
+    assert "(2 seeds paired; at least 3 needed): not tested" in text and "seed noise" not in text
 
 
 def sparsity_rows(script="sparsity_curves"):
@@ -205,7 +212,7 @@ def check_transfer(table, figure):
     hydra = by(table, transfer="Fashion-MNIST → digits", config__method="hydra")
     assert close(hydra["test_prompt_pct_mean"], 88) and hydra["ok"] == 2
     text = " ".join(figure.caption)
-    assert "Fashion-MNIST VPNs: 1/2 finished, after mask finding 60.0% with prompt" in text
+    assert "Fashion-MNIST VPNs: 1/2 finished, after mask finding 60.0% (1 seed) with prompt" in text
 
 
 def pilot_rows():
@@ -261,10 +268,42 @@ CASES = {"pad_size": (pad_rows, check_pad), "input_size": (input_rows, check_inp
          "structured": (structured_rows, check_structured), "learning_rates": (lr_rows, check_lr)}
 
 
-def test_pad_caption_says_the_pads_take_twice_the_updates_under_the_reference_loop():
+def test_a_one_step_no_prompt_under_the_reference_loop_is_named_half_the_updates():
     rows = [{**row, "config.schedule": "reference"} for row in pad_rows()]
     caption = " ".join(analysis.FIGURES["pad_size"].build(runs_of(rows)).caption)
-    assert "the pads take twice the no-prompt setting's updates" in caption
+    assert "pad width 8 − no prompt, half the updates" in caption
+    assert "as many updates:" not in caption
+
+
+def test_pad_figure_tests_each_pad_against_both_controls_on_the_unprompted_headline():
+    """The default figure's shape: pads, the frozen pad, no prompt with matched updates, under the
+    reference loop (headline: without the prompt), 3 seeds; the caption's numbers are scipy's
+    paired t-test, Holm over the figure's 4 comparisons."""
+    from scipy import stats as sps
+    seeds = (7, 9, 17)
+    acc = {"4": (0.82, 0.83, 0.81), "8": (0.84, 0.85, 0.82), "frozen": (0.79, 0.84, 0.77),
+           "none": (0.79, 0.76, 0.73)}
+    fields = {"4": dict(pad_size=4), "8": dict(pad_size=8), "frozen": dict(pad_size=8, learn_prompt=False),
+              "none": dict(prompt="none", pad_size=0, matched_updates=True)}
+    rows = []
+    for arm, values in acc.items():
+        for seed, n in zip(seeds, values):
+            row = trial(seed, 0.5, n, schedule="reference", axes={"pad": arm}, **fields[arm])
+            row["selected_test_acc"] = n  # the reference schedule's headline: without the prompt
+            rows.append(row)
+    figure = analysis.FIGURES["pad_size"].build(runs_of(rows))
+    text = " ".join(figure.caption)
+    assert list(figure.table["pad_px"]) == ["pad frozen at zero (same updates)", "no prompt, as many updates", 4, 8]
+    p = {(a, c): sps.ttest_rel([100 * v for v in acc[a]], [100 * v for v in acc[c]]).pvalue
+         for a in ("4", "8") for c in ("frozen", "none")}
+    ordered_p = sorted(p.values())
+    holm = [max(min(1, (4 - i) * q) for i, q in enumerate(ordered_p[:k + 1])) for k in range(4)]
+    adjusted = dict(zip(sorted(p, key=p.get), holm))
+    expect = f"pad width 8 − pad frozen at zero (same updates): +3.7 points, family-wise 95% CI (Holm over 4) ["
+    assert expect in text
+    assert f"p = {adjusted[('8', 'frozen')]:.2g} (Holm)" in text
+    assert "two steps" in text and "twice the epochs" in text
+    assert "± 1 std (a description, not a test)" in text
 
 
 def test_every_registered_figure_has_a_synthetic_case():
@@ -301,12 +340,22 @@ def test_a_trial_that_never_ended_counts_as_missing():
     assert (table.loc[0, "ok"], table.loc[0, "missing"]) == (1, 1)
 
 
-def test_noise_note_says_when_differences_are_within_seed_noise():
-    table = pd.DataFrame({"x": [1, 2], "a_mean": [80.0, 78.0], "a_std": [2.0, 1.0], "a_n": [3, 3]})
-    assert "within seed noise" in noise_note(table, "a", lambda r: f"x{r['x']}", "A")
-    table["a_std"] = [0.5, 0.5]
-    note = noise_note(table, "a", lambda r: f"x{r['x']}", "A")
-    assert note.startswith("A: x1 (80.0 ± 0.5%) is above x2 beyond seed noise")
+def test_best_notes_test_the_highest_point_paired_by_seed_with_holm_over_the_figure():
+    from scipy import stats as sps
+    a = {7: 80.0, 9: 81.0, 17: 82.5}
+    b = {7: 78.0, 9: 80.5, 17: 79.0}  # diffs 2.0, 0.5, 3.5
+    c = {7: 70.0, 9: 71.0, 17: 72.0}
+    table = pd.DataFrame({"g": ["u", "u", "v", "v"], "x": [1, 2, 1, 2],
+                          "a_mean": [81.17, 79.17, 71.0, 81.17], "a_n": [3, 3, 3, 3],
+                          "a_by_seed": [a, b, c, a]})
+    notes = best_notes(table, lambda r: f"x{r['x']}", by="g", heading=lambda g: f"group {g}", stem="a")
+    assert notes[0].startswith("group u: x1 − x2: +2.0 points, family-wise 95% CI (Holm over 2) [")
+    assert notes[1].startswith("group v: x2 − x1: +10.2 points")  # the highest mean goes first
+    p_u = sps.ttest_rel(list(a.values()), list(b.values())).pvalue
+    p_v = sps.ttest_rel(list(a.values()), list(c.values())).pvalue
+    assert p_v < p_u  # Holm: v's is the first step (x 2), u's the second (x 1, after the running max)
+    assert f"p = {max(2 * p_v, p_u):.2g} (Holm)" in notes[0] and notes[0].endswith("3 seeds: not resolved.")
+    assert f"p = {2 * p_v:.2g} (Holm)" in notes[1] and notes[1].endswith("3 seeds: resolved.")
 
 
 def test_missing_config_fields_get_config_defaults_but_explicit_none_stays():
@@ -339,7 +388,7 @@ def test_sweep_hook_writes_table_figure_report_and_a_closing_note(tmp_path):
     assert all(p.stat().st_size > 0 for p in paths)
     (note,) = notes
     assert f"figure pad_size: {tmp_path / 'sweep' / 'figures' / 'pad_size.png'}" in note
-    assert "pad width 8: tested with prompt 71.00 ± 1.41%" in note and "[2/3 seeds]" in note
+    assert "pad width 8: tested with prompt 71.0 ± 1.4%" in note and "[2/3 seeds]" in note
     page = (tmp_path / "sweep" / "report.html").read_text()
     assert "Pad-size ablation" in page and "data:image/png;base64," in page
     assert "Failed trials" in page and "mask_file: file not found" in page
@@ -358,7 +407,7 @@ def test_cli_rebuilds_one_figure_from_the_parquet_export(tmp_path, capsys):
     trials, _ = write_parquet(prompt_rows(), tmp_path / "sweep")
     assert cli.main(["prompt_type", "--trials", str(trials), "--out", str(tmp_path / "out")]) == 0
     table = pd.read_csv(tmp_path / "out" / "prompt_type.csv")
-    assert close(by(table, config__prompt="random")["test_prompt_pct_mean"], 51)
+    assert close(by(table, config__prompt="random")["test_prompt_pct_mean"], 154 / 3)
     assert (tmp_path / "out" / "prompt_type.png").stat().st_size > 0
     assert "figure prompt_type:" in capsys.readouterr().out
     with pytest.raises(SystemExit):
@@ -404,8 +453,10 @@ def check_effect(table, figure):
     assert list(table["point"]) == ["inert: hydra", "inert: vpns", "inert: vpns_inert_prompt"]
     assert close(by(table, point="inert: vpns")["test_prompt_pct_mean"], 72)
     text = " ".join(figure.caption)
-    assert ("Phase inert, against hydra (62.0 ± 2.0%): vpns 72.0 ± 2.0% (+10.0 points, beyond seed "
-            "noise); vpns_inert_prompt 63.0 ± 2.0% (+1.0 points, within seed noise).") in text
+    # vpns - hydra: +10 at every seed (no variance: not tested); inert: +1 at every seed likewise
+    assert ("Phase inert, headline accuracy against hydra (62.0 ± 2.0%): vpns − hydra: +10.0 points "
+            "at all 3 seeds (no variance): not tested; vpns_inert_prompt − hydra: +1.0 points at all "
+            "3 seeds (no variance): not tested.") in text
     assert analysis.figures_for(runs_of(effect_rows()), "prompt_effect") == ["prompt_effect"]
 
 
@@ -468,6 +519,49 @@ def test_rerun_comparison_pairs_points_and_seeds(tmp_path):
     assert len(result["pairs"]) == 6 and result["identical"] == 1
     assert math.isclose(result["max_diff"], 6.0, abs_tol=1e-9)
     by_point = {r["point"]: r for r in result["points"]}
-    assert by_point["8"]["within"] and not by_point["16"]["within"]  # 76 vs 71 ± 1
+    # pad 16 moved 5, 4, 6 points (p = 0.013, Holm over 2: resolved); pad 8 0, 2, 1 (p = 0.23)
+    assert by_point["8"]["within"] and not by_point["16"]["within"]
     assert rerun.main([*paths, "--metric", "selected_test_acc_prompt"]) == 1
     assert rerun.main([paths[0], str(tmp_path / "missing.parquet")]) == 2
+
+
+def confirmation_rows():
+    """Four seeds of the five arms; pad8 at seed 104 failed (dropped from H1 and H3)."""
+    from search_spaces.confirmation import ARMS
+    acc = {"pad8": (0.84, 0.85, 0.83, None), "pad8_frozen": (0.81, 0.819, 0.801, 0.80),
+           "none_matched": (0.87, 0.881, 0.859, 0.85), "pad8_99": (0.77, 0.78, 0.76, 0.77),
+           "pad8_frozen_99": (0.77, 0.77, 0.77, 0.78)}
+    rows = []
+    for arm, values in acc.items():
+        fields = {k: v for k, v in ARMS[arm].items()}
+        for seed, n in zip((101, 102, 103, 104), values):
+            row = trial(seed, 0.5, n, state="ok" if n is not None else "failed", script="confirm_prompt",
+                        axes={"arm": arm}, schedule="reference", data_seed=1, **fields)
+            rows.append(row)
+    return rows
+
+
+def check_confirmation(table, figure):
+    from scipy import stats as sps
+    assert len(table) == 20 and set(table["arm"]) == {"pad8", "pad8_frozen", "none_matched", "pad8_99",
+                                                      "pad8_frozen_99"}
+    row = table[(table["arm"] == "pad8") & (table["seed"] == 102)].iloc[0]
+    assert close(row["test_noprompt_pct"], 85) and row["state"] == "ok"
+    assert table[(table["arm"] == "pad8") & (table["seed"] == 104)]["test_noprompt_pct"].isna().all()
+    text = " ".join(figure.caption)
+    p1 = sps.ttest_rel([84, 85, 83], [81, 81.9, 80.1]).pvalue  # H1: +3.0 at seeds 101-103
+    p3 = sps.ttest_rel([84, 85, 83], [87, 88.1, 85.9]).pvalue  # H3: -3.0
+    p2 = sps.ttest_rel([77, 78, 76, 77], [77, 77, 77, 78]).pvalue  # H2: -0.25
+    order = sorted([("H1", p1), ("H2", p2), ("H3", p3)], key=lambda kv: kv[1])
+    holm, running = {}, 0.0
+    for i, (h, p) in enumerate(order):
+        running = max(running, min(1.0, (3 - i) * p))
+        holm[h] = running
+    assert f"H1: pad8 − pad8_frozen: +3.0 points, family-wise 95% CI (Holm over 3) [" in text
+    assert f"p = {holm['H1']:.2g} (Holm), 3 seeds: reproduced." in text
+    assert f"p = {holm['H3']:.2g} (Holm), 3 seeds: contradicted." in text
+    assert "H2: pad8_99 − pad8_frozen_99: -0.2 points" in text and "4 seeds: not resolved." in text
+    assert "pad8 seed 104 (failed)" in text
+
+
+CASES["confirmation"] = (confirmation_rows, check_confirmation)

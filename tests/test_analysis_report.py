@@ -144,5 +144,5 @@ def test_ties_on_validation_pick_the_same_trial_from_mlflow_and_from_parquet(tmp
     csv = (tmp_path / "p" / "pad_size.csv").read_bytes()
     assert csv == (tmp_path / "m" / "pad_size.csv").read_bytes()
     table = pd.read_csv(tmp_path / "p" / "pad_size.csv")
-    assert table.loc[table["pad_px"] == 8, "test_prompt_pct_mean"].item() == pytest.approx((10.0 + 72.0) / 2)
-    assert table.loc[table["pad_px"] == 16, "test_prompt_pct_mean"].item() == pytest.approx(20.0)
+    assert table.loc[table["pad_px"].astype(str) == "8", "test_prompt_pct_mean"].item() == pytest.approx((10.0 + 72.0) / 2)
+    assert table.loc[table["pad_px"].astype(str) == "16", "test_prompt_pct_mean"].item() == pytest.approx(20.0)

@@ -9,6 +9,7 @@ from search_spaces import method
 from search_spaces.points import check_points, driver_config, is_domain, longest_first, point_configs, resolve
 from sweeps.flags import parse_overrides
 from vpns_core.config import Config
+from vpns_core.errors import ConfigError
 from vpns_core.methods import METHODS
 
 MODULES = sorted(info.name for info in pkgutil.iter_modules(search_spaces.__path__)
@@ -47,11 +48,13 @@ def test_methods_axis_follows_the_registry():
 def test_named_points_resolve_to_config_fields():
     from search_spaces import pad_size
     axes = pad_size.space("default")
-    assert axes["pad"]["none"] == {"prompt": "none", "pad_size": 0}
+    assert axes["pad"]["none"] == {"prompt": "none", "pad_size": 0, "matched_updates": True}
+    assert axes["pad"]["frozen"] == {"pad_size": 8, "learn_prompt": False}
     configs = point_configs(pad_size.base("default"), axes, {"pad": axes["pad"]})
-    assert [c["pad_size"] for c in configs] == [0, 4, 8]
+    assert [c["pad_size"] for c in configs] == [4, 8, 8, 0]
     assert resolve({"pad": 8, "seed": 7}, {"pad": axes["pad"]}) == {"pad_size": 8, "seed": 7}
-    assert Config.from_dict(configs[0]).prompt == "none"
+    assert Config.from_dict(configs[-1]).prompt == "none"
+    assert Config.from_dict(configs[2]).learn_prompt is False
 
 
 def test_the_grid_runs_its_longest_trials_first():
@@ -79,8 +82,9 @@ def test_a_cpu_driver_accepts_gpu_trials():
     assert driver_config({**search_spaces.base.base("tiny"), "device": "cuda"}).total_epochs == 2
 
 
-# the Pareto search chooses the method itself: --set method is refused (test_pareto.py)
-@pytest.mark.parametrize("name", [m for m in MODULES if m != "pareto"])
+# the Pareto search chooses the method itself: --set method is refused (test_pareto.py); the
+# confirmation's arms are a pre-registered plan about VPNs (its 99% arms are beyond channel methods)
+@pytest.mark.parametrize("name", [m for m in MODULES if m not in ("pareto", "confirmation")])
 def test_every_method_is_reachable_by_name_from_every_space(name):
     """``--set method=NAME`` fixes the method axis of any sweep: each registered method gives
     valid configs on every search space's base and grid (channel methods at their limit 0.9)."""
@@ -97,6 +101,11 @@ def test_every_method_is_reachable_by_name_from_every_space(name):
                     for k, v in free.items()}
             if name == "transfer" and METHODS.get(m).structured:
                 continue  # transfer fine-tunes weight masks: channel methods refuse mask files
+            if name == "pad_size" and not METHODS.get(m).uses_prompt:
+                # their frozen-pad control needs a prompt to freeze: refused in one line
+                with pytest.raises(ConfigError, match="learn_prompt: False freezes a prompt"):
+                    check_points(fixed, free)
+                continue
             check_points(fixed, free)
             assert driver_config({**fixed, **{k: (v[0] if isinstance(v, list) else v)
                                               for k, v in free.items() if isinstance(v, list)}}).method == m

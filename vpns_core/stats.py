@@ -79,9 +79,10 @@ class Comparison:
             return "not tested"
         return "resolved" if self.p_holm < ALPHA else "not resolved"
 
-    def text(self, unit: str = " points") -> str:
-        """"pad 8 − frozen pad: +4.0 points, 95% CI [−4.0, 11.9] (Holm over 4), p = 0.17, 3 seeds:
-        not resolved"."""
+    def text(self, unit: str = " points", verdict: str | None = None) -> str:
+        """"pad 8 − frozen pad: +4.0 points, family-wise 95% CI [−4.0, +11.9] (Holm over 4),
+        p = 0.17 (Holm), 3 seeds: not resolved"; ``verdict`` replaces the last words (e.g. the
+        confirmation's "reproduced")."""
         head = f"{self.arm} − {self.control}"
         if self.n < MIN_SEEDS:
             seeds = "1 seed" if self.n == 1 else f"{self.n} seeds"
@@ -89,10 +90,10 @@ class Comparison:
             return f"{head}{shown} ({seeds} paired; at least {MIN_SEEDS} needed): not tested"
         if math.isnan(self.p):  # every seed gave the same difference: no variance to test
             return f"{head}: {self.diff:+.1f}{unit} at all {self.n} seeds (no variance): not tested"
-        corrected = f", Holm over {self.family}" if self.family > 1 else ""
-        return (f"{head}: {self.diff:+.1f}{unit}, 95% CI [{self.low:+.1f}, {self.high:+.1f}]"
-                f"{corrected}, p = {self.p_holm:.2g}{' (Holm)' if self.family > 1 else ''}, "
-                f"{self.n} seeds: {self.verdict}")
+        level = f"family-wise 95% CI (Holm over {self.family})" if self.family > 1 else "95% CI"
+        return (f"{head}: {self.diff:+.1f}{unit}, {level} [{self.low:+.1f}, {self.high:+.1f}], "
+                f"p = {self.p_holm:.2g}{' (Holm)' if self.family > 1 else ''}, "
+                f"{self.n} seeds: {verdict or self.verdict}")
 
 
 def paired(values: dict[str, dict[Any, float]], pairs: Sequence[tuple[str, str]],
