@@ -1,9 +1,11 @@
-"""Pad-size ablation: accuracy against the width of the pad prompt at a fixed input size.
+"""Pad-size ablation: accuracy against the width of the pad prompt at a fixed input size, against
+the two controls that take the pads' exact updates (search_spaces/pad_size.py).
 
 Default: the embedded Lite0 -> Fashion-MNIST task at 90% sparsity in the authors' loop and layout
-(a 64 px image, the prompt over its border; evaluated without the prompt): no prompt and pads 4
-and 8 at seeds 7, 9 and 17, as a grid (FIFO), two trials at a time with one torch thread each:
-the figure in under 25 minutes on 2 idle CPUs. ``--search optuna --scheduler asha`` searches pad
+(a 64 px image, the prompt over its border; evaluated without the prompt): pads 4 and 8, the pad
+frozen at zero, and no prompt with as many updates, at seeds 7, 9 and 17 (12 trials), as a grid
+(FIFO), two trials at a time with one torch thread each. The caption tests each pad against each
+control, paired by seed (Holm over the four). ``--search optuna --scheduler asha`` searches pad
 and learning rates instead.
 """
 import sys

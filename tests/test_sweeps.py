@@ -81,6 +81,9 @@ def test_every_sweep_script_runs_on_the_tiny_preset(script, tmp_path, tracking, 
     assert (folder / f"{script}_table.csv").is_file()
     if logs_models:
         check_run_contents(tracking, runs)
+        # the pads and both controls (frozen pad, no prompt with matched updates) take the same updates
+        assert {str(t["axis.pad"]) for t in trials} == {"4", "frozen", "none"}
+        assert len({t["last.grad_steps"] for t in trials}) == 1
 
 
 def test_sparsity_curves_full_grid_plans_every_pruning_method_at_every_level():
