@@ -135,6 +135,7 @@ def check_stage(table, figure):
     assert close(by(table, config__vp_stages="none")["mask_noprompt_pct_mean"], 40)
     text = " ".join(figure.caption)
     assert "(2 seeds paired; at least 3 needed): not tested" in text and "seed noise" not in text
+    assert "Every arm takes one step per iteration: the same updates." in text
 
 
 def sparsity_rows(script="sparsity_curves"):

@@ -73,3 +73,13 @@ def test_every_arm_of_a_prompt_figure_takes_the_same_updates(module, schedule):
         updates.setdefault(cfg.sparsity, set()).add(
             tuple(e * per_iteration[s] for s, e in cfg.stage_plan))
     assert all(len(u) == 1 for u in updates.values()), updates
+
+
+@pytest.mark.parametrize("arms, message", [(["pad9"], "--arms pad9: unknown arm; choose from pad8, "),
+                                           (["pad8", "pad8"], "--arms: pad8, pad8 names an arm twice")])
+def test_the_confirmation_refuses_unknown_or_repeated_arms_before_ray(arms, message, tmp_path, capsys):
+    from sweeps import confirm_prompt
+    rc = confirm_prompt.main(["--preset", "tiny", "--storage-path", str(tmp_path / "s"),
+                              "--tracking-uri", f"sqlite:///{tmp_path}/m.db", "--arms", *arms])
+    assert rc == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "s").exists() or not any((tmp_path / "s").iterdir())
