@@ -25,6 +25,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from . import model_sources
 from .registry import Registry, UnknownNameError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -83,9 +84,10 @@ def model_names() -> list[str]:
 
 
 def is_model_name(name: str) -> bool:
-    """Whether ``name`` is a registered model or a torchvision classification model (only the
-    latter imports torchvision)."""
-    return name in MODELS or name in _torchvision_names()
+    """Whether ``name`` is a registered model, a torchvision classification model (only these
+    import torchvision), or names its source: ``timm/<name>`` or ``package.module:factory``
+    (:mod:`vpns_core.model_sources`; whether those exist is checked by :func:`check_model`)."""
+    return name in MODELS or model_sources.kind(name) is not None or name in _torchvision_names()
 
 
 def _check_name(name: str) -> None:
@@ -94,9 +96,10 @@ def _check_name(name: str) -> None:
     close = difflib.get_close_matches(name, model_names(), n=3)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
     raise UnknownNameError(
-        f"model: unknown model '{name}'{hint}; choose from {', '.join(MODELS.names())} or any of "
+        f"model: unknown model '{name}'{hint}; choose from {', '.join(MODELS.names())}, any of "
         f"the {len(_torchvision_names())} torchvision classification models (resnet18, resnet50, "
-        f"vgg16, ...; see vpns_core.models.model_names())")
+        f"vgg16, ...; see vpns_core.models.model_names()), timm/<name> (timm installed) or your "
+        f"own package.module:factory")
 
 
 # --- checks and building -------------------------------------------------------------------
@@ -113,11 +116,16 @@ def check_model(name: str, pretrained: bool, source_checkpoint: str | None,
     ``allow_download`` is true (then ``build_model`` will try to download them).
     """
     _check_name(name)
+    if model_sources.kind(name) is not None:
+        try:
+            model_sources.check(name, pretrained and not allow_download, source_checkpoint is not None)
+        except ValueError as err:
+            raise UnknownNameError(str(err)) from err
     if source_checkpoint is not None:
         if not os.path.isfile(source_checkpoint):
             raise FileNotFoundError(f"source_checkpoint: file not found: {source_checkpoint}")
         return
-    if not pretrained:
+    if not pretrained or model_sources.kind(name) is not None:
         return
     if name in MODELS:
         if name in _WEIGHTS_CHECKS:
@@ -133,7 +141,7 @@ def check_model(name: str, pretrained: bool, source_checkpoint: str | None,
 
 
 def build_model(name: str, *, pretrained: bool = True,
-                source_checkpoint: str | None = None) -> SourceModel:
+                source_checkpoint: str | None = None, allow_download: bool = True) -> SourceModel:
     """Build model ``name`` on the CPU.
 
     ``source_checkpoint`` (a state_dict, or a dict holding one under ``state_dict`` or ``model``)
@@ -143,9 +151,11 @@ def build_model(name: str, *, pretrained: bool = True,
     ``TORCH_HOME`` if missing; any failure raises :class:`WeightsUnavailableError`) or a random
     init with 1000 classes.
     """
-    check_model(name, pretrained, source_checkpoint, allow_download=True)
+    check_model(name, pretrained, source_checkpoint, allow_download=allow_download)
     if source_checkpoint is not None:
         return _from_checkpoint(name, source_checkpoint)
+    if model_sources.kind(name) is not None:
+        return model_sources.build(name, pretrained, allow_download)
     if name in MODELS:
         return MODELS.get(name, "model")(pretrained)
     return _torchvision_model(name, pretrained)
@@ -220,8 +230,10 @@ def _from_checkpoint(name: str, path: str) -> SourceModel:
                          f"its first keys are {list(state_dict)[:5]}")
     num_classes = int(state_dict[key].shape[0]) if key else base.num_source_classes
     if num_classes != base.num_source_classes:
-        if name in MODELS:
+        if name in MODELS or model_sources.kind(name) == "import":
             replace_head(base.module, num_classes)
+        elif model_sources.kind(name) == "timm":
+            base.module = model_sources.build(name, False, num_classes=num_classes).module
         else:  # the builder also resizes auxiliary heads (inception, googlenet)
             base.module = _torchvision_models().get_model(name, weights=None, num_classes=num_classes)
     try:
@@ -362,6 +374,8 @@ def builder_spec(name: str, num_classes: int) -> dict[str, Any]:
     if name == "tiny_resnet":
         return {"module": "vpns_core.models", "call": "TinyResNet", "args": [],
                 "kwargs": {"num_classes": num_classes}}
+    if model_sources.kind(name) is not None:
+        return model_sources.builder(name, num_classes)
     return {"module": "torchvision.models", "call": "get_model", "args": [name],
             "kwargs": {"weights": None, "num_classes": num_classes}}
 
@@ -407,10 +421,14 @@ def plain_model(export: dict[str, Any]) -> nn.Module:
 def head_layer(model: nn.Module) -> tuple[str, nn.Linear]:
     """Qualified name and module of the final classifier ``nn.Linear``.
 
-    The last Linear in registration order; torchvision models (all 80 checked in the tests),
-    EfficientNet-Lite and TinyResNet register layers in the order forward() runs them. Raises
-    ``ValueError`` for a model without a Linear head (squeezenet ends in a Conv2d).
+    timm's ``get_classifier()`` where the model has one; otherwise the last Linear in
+    registration order: torchvision models (all 80 checked in the tests), EfficientNet-Lite and
+    TinyResNet register layers in the order forward() runs them. Raises ``ValueError`` for a model
+    without a Linear head (squeezenet ends in a Conv2d).
     """
+    named = model_sources.classifier_name(model)
+    if named is not None:
+        return named, model.get_submodule(named)
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise ValueError(f"{type(model).__name__} has no nn.Linear classifier head")

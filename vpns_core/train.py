@@ -139,7 +139,7 @@ class Trial:
             raise ConfigError(f"batch_size: {cfg.batch_size} is more than the {len(self.data.train)} "
                               f"training images; a trial on {self.dp.world} workers needs at least "
                               f"one full global batch")
-        source: SourceModel = build_model(cfg.model, pretrained=cfg.pretrained,
+        source: SourceModel = build_model(cfg.model, pretrained=cfg.pretrained, allow_download=cfg.download,
                                           source_checkpoint=cfg.source_checkpoint)
         self.source = source
         self.model = source.module
