@@ -853,7 +853,7 @@ class Trial:
                   "model": self.cfg.model, "num_source_classes": self.source.num_source_classes,
                   "head": self.cfg.head, "label_mapping": best["mapping"],
                   "num_classes": self.data.num_classes, "prompt": best["prompt"],
-                  "prompt_type": self.cfg.prompt, "input_size": self.cfg.input_size,
+                  "prompt_type": self.cfg.prompt, "input_size": self.cfg.input_size, "dataset": self.cfg.dataset,
                   "output_size": self.cfg.output_size, "mean": list(self.source.mean),
                   "std": list(self.source.std)}
         export.update(self.method.export_entries(self))
