@@ -12,6 +12,9 @@ from pathlib import Path
 
 if os.environ.get("VPNS_TEST_CUDA") != "1":
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
+# decoded image caches (vpns_core.image_folder) of the tests' folders: not in the user's ~/.cache
+os.environ.setdefault("VPNS_CACHE", os.path.join(__import__("tempfile").gettempdir(),
+                                                 f"vpns-test-cache-{os.getpid()}"))
 
 import pytest  # noqa: E402
 

@@ -57,7 +57,7 @@ def _fake_fashion_mnist(folder: Path, n_train: int, n_test: int, gz: bool) -> di
 def test_every_paper_dataset_is_registered():
     assert set(DATASETS.names()) == {"fashion_mnist", "digits", "cifar10", "cifar100", "tiny_imagenet",
                                      "food101", "flowers102", "dtd", "oxford_pets", "stanford_cars",
-                                     "imagenet"}
+                                     "imagenet", "image_folder"}  # the last: the user's own
     assert {n: DATASETS.get(n).num_classes for n in ("cifar100", "tiny_imagenet", "food101",
                                                      "flowers102", "dtd", "oxford_pets",
                                                      "stanford_cars", "imagenet")} == {

@@ -9,6 +9,7 @@ flip happen batched on the device (:func:`random_crop_flip`), so no worker proce
 from __future__ import annotations
 
 import gzip
+import hashlib
 import platform
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import ConcatDataset, Dataset
 
+from vpns_core import image_folder
 from vpns_core.registry import Registry
 
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -70,6 +72,9 @@ class RawSplit:
     source: Dataset
     labels: np.ndarray
     classes: list[str]
+    #: identifies the files behind ``source`` (:func:`vpns_core.image_folder.files_key`) when it
+    #: decodes image files: their resized images are then decoded once into a disk cache
+    cache_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,11 @@ class DatasetSpec:
     present: Callable[[Path | None], bool]
     downloadable: bool = False
     fix_hint: str = ""
+    #: a validation split of its own (``load_val(root) -> RawSplit | None``), used instead of
+    #: drawing validation images beside the training images
+    load_val: Callable[[Path | None], RawSplit | None] | None = None
+    #: a check of the files' contents before any compute (``check(root)``), e.g. a folder of images
+    check: Callable[[Path | None], None] | None = None
 
 
 DATASETS: Registry[DatasetSpec] = Registry("dataset")
@@ -121,7 +131,11 @@ def check_available(name: str, data_root: str | None, download: bool) -> None:
     ``DataUnavailableError`` when the files are missing and cannot be downloaded. No decoding, no network."""
     spec = DATASETS.get(name, "dataset")
     root = _root(data_root)
-    if spec.present(root) or (download and spec.downloadable and root is not None):
+    if spec.present(root):
+        if spec.check is not None:
+            spec.check(root)
+        return
+    if download and spec.downloadable and root is not None:
         return
     raise _unavailable(spec, root, download)
 
@@ -270,7 +284,18 @@ def _raw(parts: list[Dataset]) -> RawSplit:
     if names is None:  # Flowers102 has no class names
         names = [f"class_{k}" for k in range(int(all_labels.max()) + 1)]
     classes = [c[0] if isinstance(c, tuple) else str(c) for c in names]  # ImageNet: name tuples
-    return RawSplit(source, all_labels, classes)
+    paths = [p for part in parts for p in _image_paths(part)]
+    key = image_folder.files_key(paths) if len(paths) == len(all_labels) else None
+    return RawSplit(source, all_labels, classes, cache_key=None if isinstance(source, TensorImages) else key)
+
+
+def _image_paths(part: Dataset) -> list[Path]:
+    """The image files of a torchvision file dataset, in item order (empty if it has none)."""
+    for attr in ("_image_files", "imgs", "samples", "_samples"):
+        items = getattr(part, attr, None)
+        if items:
+            return [Path(x[0] if isinstance(x, (tuple, list)) else x) for x in items]
+    return []
 
 
 _IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
@@ -300,7 +325,8 @@ def _load_tiny_imagenet(root: Path | None, train: bool, download: bool) -> RawSp
             wnid, _, text = line.partition("\t")
             words[wnid] = text.split(",")[0].strip()
     labels = np.asarray([s[1] for s in samples], dtype=np.int64)
-    return RawSplit(ImageFiles(samples), labels, [words.get(w, w) for w in wnids])
+    return RawSplit(ImageFiles(samples), labels, [words.get(w, w) for w in wnids],
+                    cache_key=image_folder.files_key([p for p, _ in samples]))
 
 
 def _all_present(required: tuple[str, ...]) -> Callable[[Path | None], bool]:
@@ -353,6 +379,48 @@ _add_files_dataset("imagenet", 1000, ("ILSVRC2012_devkit_t12.tar.gz|meta.bin",
                    downloadable=False)
 
 
+def _folder_raw(folder: Path, classes: list[str], positions: np.ndarray | None = None) -> RawSplit:
+    found = image_folder.samples(folder, classes)
+    if positions is not None:
+        found = [found[i] for i in positions]
+    labels = np.asarray([c for _, c in found], dtype=np.int64)
+    return RawSplit(ImageFiles(found), labels, list(classes),
+                    cache_key=image_folder.files_key([p for p, _ in found]) if found else None)
+
+
+def _load_image_folder(root: Path | None, train: bool, download: bool) -> RawSplit:
+    """``DATA_ROOT/train`` (and ``test``), or one folder split by :func:`image_folder.split_all`
+    (also ``train/`` without a ``test/`` beside it)."""
+    if root is None:
+        raise FileNotFoundError("no data root")
+    splits = image_folder.layout(root)
+    source = splits.get("train", splits.get("all"))
+    classes = image_folder._classes(source)
+    if "test" in splits:
+        return _folder_raw(splits["train" if train else "test"], classes)
+    labels = np.asarray([c for _, c in image_folder.samples(source, classes)], dtype=np.int64)
+    train_pos, test_pos = image_folder.split_all(labels)
+    return _folder_raw(source, classes, train_pos if train else test_pos)
+
+
+def _load_image_folder_val(root: Path | None) -> RawSplit | None:
+    splits = image_folder.layout(root) if root is not None else {}
+    if "val" not in splits:
+        return None
+    return _folder_raw(splits["val"], image_folder._classes(splits["train"]))
+
+
+DATASETS.add("image_folder", DatasetSpec(
+    "image_folder", 0, False,
+    "a folder of class folders: DATA_ROOT/train/<class>/*.jpg (optional DATA_ROOT/val/, "
+    "DATA_ROOT/test/), or DATA_ROOT/<class>/*.jpg split 80/20 by a seeded stratified draw",
+    _load_image_folder,
+    # any non-empty folder is "there"; what it holds is for check_folder to judge
+    lambda root: root is not None and root.is_dir() and any(root.iterdir()),
+    load_val=_load_image_folder_val,
+    check=lambda root: image_folder.check_folder(root)))
+
+
 # ---------------------------------------------------------------- splits
 
 
@@ -377,6 +445,13 @@ class ResizedImages(Dataset):
             picked = src.images[torch.from_numpy(self.indices)]
             self._cache = torch.cat([self._resize(c) for c in picked.split(4096)]) if len(picked) else \
                 picked.new_zeros(0, picked.shape[1], size, size)
+        elif raw.cache_key is not None and len(self.indices):
+            # image files: decoded and resized once into a memory-mapped disk cache, not per item
+            # and epoch (benchmarks/input_pipeline.py --folder measures both)
+            key = hashlib.sha256(raw.cache_key.encode() + self.indices.tobytes()).hexdigest()[:24]
+            self._cache = image_folder.decoded(
+                key, len(self.indices), size,
+                lambda i: self._resize(src[int(self.indices[i])][0]).expand(3, -1, -1))
 
     def _resize(self, img: Tensor | Image.Image) -> Tensor:
         if isinstance(img, Image.Image):  # a file dataset's, read through torchvision
@@ -478,8 +553,14 @@ def build_data(name: str, data_root: str | None, input_size: int, *, train_subse
     train_raw = _load_split(spec, root, True, download)
     test_raw = _load_split(spec, root, False, download)
 
+    own_val = spec.load_val(root) if spec.load_val is not None else None
     n = len(train_raw.labels)
-    if train_subset is None:
+    if own_val is not None:  # a validation split of its own: none drawn from the training images
+        n_train, n_val = (n if train_subset is None else train_subset), 0
+        if n_train > n:
+            raise ValueError(f"train_subset: {train_subset} training images requested, but {name} "
+                             f"has {n}")
+    elif train_subset is None:
         n_val = round(val_fraction * n)
         n_train = n - n_val
     else:
@@ -500,7 +581,8 @@ def build_data(name: str, data_root: str | None, input_size: int, *, train_subse
     return DataSplits(
         train=ResizedImages(train_raw, train_idx, train_load_size(input_size)),
         train_eval=ResizedImages(train_raw, train_idx, input_size),
-        val=ResizedImages(train_raw, val_idx, input_size),
+        val=ResizedImages(own_val, np.arange(len(own_val.labels)), input_size) if own_val is not None
+        else ResizedImages(train_raw, val_idx, input_size),
         test=ResizedImages(test_raw, test_idx, input_size),
         num_classes=len(train_raw.classes),
         classes=list(train_raw.classes),
