@@ -41,7 +41,12 @@ if [ "$PREPARE" = 1 ]; then
 fi
 
 DATA=()
-[ -d .gpu/data/fashion-mnist ] && DATA=(--data-root .gpu/data)
+if [ -d .gpu/data/fashion-mnist ]; then
+  DATA=(--data-root .gpu/data)
+  # one data root for every step: the masked-step benchmark, the no_sync step and the CUDA tests
+  # read it through $VPNS_DATA_ROOT (vpns_core.data), not only gpu_check.py's flag
+  export VPNS_DATA_ROOT=$PWD/.gpu/data
+fi
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 status=0

@@ -332,3 +332,25 @@ def test_random_crop_flip_cuda_without_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert out.device == x.device and out.shape == (32, 3, 32, 32)
+
+
+def test_vpns_data_root_is_the_default_data_root_of_every_dataset(tmp_path, monkeypatch):
+    """One data root for every step of a run (the GPU check carries Fashion-MNIST in .gpu/data):
+    with the Debian folder hidden, $VPNS_DATA_ROOT/fashion-mnist is read; an explicit data_root
+    still wins."""
+    import shutil
+
+    import vpns_core.data as data
+    copy = tmp_path / "carried" / "fashion-mnist"
+    copy.mkdir(parents=True)
+    for f in data.FASHION_MNIST_SYSTEM_DIR.glob("*-ubyte.gz"):
+        shutil.copy(f, copy / f.name)
+    monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "hidden")
+    with pytest.raises(DataUnavailableError, match="no --data-root given"):
+        check_available("fashion_mnist", None, False)
+    monkeypatch.setenv("VPNS_DATA_ROOT", str(tmp_path / "carried"))
+    check_available("fashion_mnist", None, False)
+    splits = build_data("fashion_mnist", None, 28, train_subset=20, test_subset=10)
+    assert len(splits.train) == 20 and len(splits.test) == 10
+    with pytest.raises(DataUnavailableError, match=str(tmp_path / "elsewhere")):
+        check_available("fashion_mnist", str(tmp_path / "elsewhere"), False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import platform
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -123,7 +124,11 @@ def _unavailable(spec: DatasetSpec, root: Path | None, download: bool,
 
 
 def _root(data_root: str | Path | None) -> Path | None:
-    return Path(data_root).expanduser() if data_root else None
+    """The data root: ``data_root``, else ``$VPNS_DATA_ROOT`` (one folder every step of a run
+    reads, e.g. the GPU check's carried copy of Fashion-MNIST), else none (the embedded
+    datasets' own places)."""
+    chosen = data_root or os.environ.get("VPNS_DATA_ROOT")
+    return Path(chosen).expanduser() if chosen else None
 
 
 def check_available(name: str, data_root: str | None, download: bool) -> None:
