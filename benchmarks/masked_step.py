@@ -152,6 +152,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             named = {f"{v} {lay}": step for (lay, v), step in steps.items()}
             by_name = interleaved_medians(named, args.warmup, args.iters, sync)
             timing = {key: by_name[f"{key[1]} {key[0]}"] for key in steps}
+            if args.device.startswith("cuda"):  # each variant's own peak: one step above what is resident
+                for key, step in steps.items():
+                    torch.cuda.synchronize()
+                    resident = torch.cuda.memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
+                    step()
+                    torch.cuda.synchronize()
+                    timing[key] = {**timing[key],
+                                   "step_peak_gib": (torch.cuda.max_memory_allocated() - resident) / 2**30}
             if args.profile:
                 profiles[f"{size}px"] = profile(named, args.profile_steps, 15)
         clock = "" if args.clock == "wall" else "cpu_"
@@ -174,11 +183,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 rows.append([f"{size}px b{batch}", v, lay, median * 1000, t[f"{clock}q1_s"] * 1000,
                              t[f"{clock}q3_s"] * 1000, t["median_s"] * 1000, ratio, same,
                              "" if vs_nchw is None else vs_nchw, f"<= {target}" if target else "",
-                             ("ok" if ratio <= target else "MISS") if target else ""])
+                             ("ok" if ratio <= target else "MISS") if target else "",
+                             f"{t['step_peak_gib']:.2f}" if "step_peak_gib" in t else "-"])
     print_table(f"masked-step overhead: {args.model}, sparsity {args.sparsity} ({args.allocation}), "
                 f"{args.threads} thread(s), {args.device}, median of {args.iters} ({args.clock} time)",
                 ["input", "variant", "layout", "ms/step", "q1", "q3", "wall ms", "x dense",
-                 "x same prompt", "x NCHW", "target", ""], rows)
+                 "x same prompt", "x NCHW", "target", "", "step peak GiB"], rows)
     payload = {"args": vars(args), "results": results, "profiles": profiles}
     write_json("masked_step", payload, args.out)
     return payload

@@ -9,7 +9,14 @@ Steps (each prints one block and adds an entry to ``gpu_check.json`` under ``--o
    (a host synchronisation inside a step raises);
 4. ``trial``: one 1 + 1-epoch VPNs trial (ResNet-18 without pretrained weights, Fashion-MNIST at
    ``--size`` px): images/s per epoch, peak GPU memory, the exact sparsity of the masks;
-5. ``resume``: a checkpoint written on the CPU (tiny trial, one epoch) resumed on the device.
+5. ``resume``: a checkpoint written on the CPU (tiny trial, one epoch) resumed on the device;
+6. ``default``: the embedded default (EfficientNet-Lite0 -> Fashion-MNIST, the authors' loop at
+   64 px, pad 8, 90% ERK) for 1 + 1 epochs: images/s, peak memory, accuracy without the prompt;
+7. ``jpeg_folder``: images/s of an epoch over a folder of real JPEGs, decoded per item against
+   the decode-once cache (``benchmarks/image_folder.py``).
+
+Every step reads its data through one data root (``--data-root``, exported by gpu_check.sh as
+``$VPNS_DATA_ROOT``): the GPU machine has no Debian Fashion-MNIST.
 
 ``--device cpu --quick`` runs every step on the CPU with small sizes (the dry run).
 """
@@ -155,6 +162,32 @@ def step_resume(device: torch.device, workdir: Path, data_root: str | None) -> d
             "selected_test_acc": resumed.final["selected_test_acc"]}
 
 
+def step_default(device: torch.device, quick: bool, workdir: Path, data_root: str | None) -> dict[str, Any]:
+    from search_spaces.base import base
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    values = {**base("default"), "mask_epochs": 1, "tune_epochs": 1, "device": str(device),
+              "data_root": data_root, "measure_repeats": 0}
+    if quick:
+        values.update(train_subset=128, test_subset=64, label_mapping_samples=64, output_size=32,
+                      input_size=32, pad_size=4)
+    t0 = time.perf_counter()
+    result = run_trial(Config(**values), workdir / "default", resume=False)
+    out = {"wall_s": time.perf_counter() - t0, "images_per_s": [h["images_per_s"] for h in result.history],
+           "grad_steps": result.history[-1]["grad_steps"],
+           "selected_test_acc_noprompt": result.final.get("selected_test_acc_noprompt")}
+    if device.type == "cuda":
+        out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return out
+
+
+def step_jpeg_folder(quick: bool) -> dict[str, Any]:
+    from benchmarks import image_folder
+    result = image_folder.main(["--quick"] if quick else [])
+    return {k: result[k] for k in ("images", "same_pixels", "before_images_per_s",
+                                   "first_epoch_images_per_s", "cached_epoch_images_per_s")}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -176,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
              ("threshold", lambda: step_threshold(device, n)),
              ("no_sync", lambda: step_no_sync(device, size, batch)),
              ("trial", lambda: step_trial(device, trial_size, train, trial_batch, work, args.data_root)),
-             ("resume", lambda: step_resume(device, work, args.data_root))]
+             ("resume", lambda: step_resume(device, work, args.data_root)),
+             ("default", lambda: step_default(device, args.quick, work, args.data_root)),
+             ("jpeg_folder", lambda: step_jpeg_folder(args.quick))]
     failed = 0
     try:
         for name, fn in steps:
