@@ -61,6 +61,8 @@ class Config:
     method: str = "vpns"
     sparsity: float = 0.5
     allocation: str = "erk"             # erk (default: survives 90% on Lite0) | global | layerwise
+    pattern: str = "unstructured"       # unstructured | N:M (e.g. 2:4: n of every m weights along
+                                        # the input dimension; sparsity must be 1 - n/m)
     prune_first: bool = True
     prune_head: bool = False
     density_floor: float = 0.01
@@ -174,6 +176,14 @@ class Config:
         return sum(epochs for _, epochs in self.stage_plan)
 
     @property
+    def nm(self) -> tuple[int, int] | None:
+        """``(n, m)`` of an N:M ``pattern``; None for unstructured masks."""
+        if self.pattern == "unstructured":
+            return None
+        n, m = (int(part) for part in self.pattern.split(":"))
+        return n, m
+
+    @property
     def plain_frame(self) -> bool:
         """Whether unprompted passes keep the zero frame: yes under ``paper`` (the paper's
         equations); under ``reference`` the network sees the bare ``input_size`` image, as in
@@ -278,6 +288,14 @@ class Config:
         choice("head", HEADS)
         choice("device", DEVICES)
         choice("allocation", ALLOCATIONS)
+        if self.pattern != "unstructured":
+            parts = self.pattern.split(":") if isinstance(self.pattern, str) else []
+            if len(parts) != 2 or not all(p.isdigit() for p in parts) or not 0 < int(parts[0]) < int(parts[1]) <= 32:
+                fail("pattern", "choose unstructured or N:M with 0 < N < M <= 32 (2:4, 1:4, 4:8, ...)")
+            n, m = int(parts[0]), int(parts[1])
+            if abs(self.sparsity - (1 - n / m)) > 1e-9:
+                fail("sparsity", f"a {n}:{m} pattern removes {1 - n / m:g} of each pruned layer's "
+                                 f"weights; set sparsity={1 - n / m:g}")
         choice("channel_allocation", ("layerwise", "global"))
         choice("prompt", PROMPTS.names())
         choice("method", METHODS.names())

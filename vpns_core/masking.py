@@ -16,6 +16,11 @@ A :class:`MaskedNetwork` converts a model's prunable layers between three modes:
 Allocation of the kept weights across layers: ``global`` (one threshold over all prunable
 layers, as the VPNs/BiP reference), ``layerwise`` (same sparsity in every layer, HYDRA's own
 code) or ``erk`` (Erdős–Rényi-Kernel densities, Evci et al. 2020, which respects layer shapes).
+
+``pattern=(n, m)`` makes the masks semi-structured instead (N:M, e.g. 2:4, the pattern Ampere and
+later GPUs accelerate): every group of ``m`` consecutive weights along a layer's input dimension
+keeps its ``n`` largest scores (:func:`nm_mask`), recomputed after every step like the threshold;
+layers whose input dimension is not a multiple of ``m`` stay dense (``ineligible``).
 """
 from __future__ import annotations
 
@@ -130,12 +135,51 @@ def _refresh_layers(modules: list[nn.Module], k: int) -> None:
         m.__dict__[_STATE] = {"key": _state_key(m), "masked": masked_m, "mask": None}
 
 
+def _nm_groups(values: Tensor) -> Tensor:
+    """``values`` (a weight's shape) with the input dimension last: Linear [out, in] as is, a
+    convolution [out, in, kh, kw] as [out, kh, kw, in] (groups of input channels at each kernel
+    position, the layout of NVIDIA's 2:4 convolutions)."""
+    return values.permute(0, 2, 3, 1) if values.dim() == 4 else values
+
+
+def nm_eligible(weight: Tensor, m: int) -> bool:
+    """Whether a weight's input dimension (``weight.shape[1]``: in_features, or in_channels per
+    group) splits into groups of ``m``."""
+    return weight.dim() in (2, 4) and weight.shape[1] % m == 0
+
+
+def nm_mask(values: Tensor, n: int, m: int) -> Tensor:
+    """Boolean mask of ``values``' shape keeping the ``n`` largest of every ``m`` consecutive
+    values along the input dimension (:func:`_nm_groups`); exactly ``n`` per group (ties: one of
+    them, as ``topk`` picks). One ``topk`` over all groups, no loop."""
+    grouped = _nm_groups(values)
+    rows = grouped.reshape(-1, m)
+    keep = torch.zeros(rows.shape, dtype=torch.bool, device=values.device)
+    keep.scatter_(1, rows.topk(n, dim=1, sorted=False).indices, True)
+    keep = keep.view(grouped.shape)
+    return (keep.permute(0, 3, 1, 2) if values.dim() == 4 else keep).contiguous()
+
+
+@torch.no_grad()
+def _refresh_nm(module: nn.Module, n: int, m: int) -> None:
+    """A score-mode layer's N:M mask and masked weight for its current scores."""
+    w = module.weight_orig.detach()
+    mask = nm_mask(module.weight_scores.detach().abs(), n, m).to(w.dtype)
+    masked = _buffer(module)
+    torch.mul(w, mask, out=masked)
+    module.__dict__[_STATE] = {"key": _state_key(module), "masked": masked, "mask": mask}
+
+
 def _layer_state(module: nn.Module) -> dict[str, Tensor | None]:
     """``masked`` (and ``mask`` if computed) of a score-mode layer for its current scores,
     weights and threshold; ``MaskedNetwork.refresh`` normally computed it already, else (a layer
     called on its own, a threshold set by hand) it is computed here."""
     state = module.__dict__.get(_STATE)
     if state is None or not _same_key(state["key"], _state_key(module)):
+        pattern = module.__dict__.get("_vpns_nm")
+        if pattern is not None:
+            _refresh_nm(module, *pattern)
+            return module.__dict__[_STATE]
         with torch.no_grad():
             s, w = module.weight_scores.detach(), module.weight_orig.detach()
             mask = torch.gt(s.abs(), module.weight_threshold).to(w.dtype)
@@ -216,10 +260,14 @@ class MaskedNetwork:
         allocation: one of :data:`ALLOCATIONS`.
         exclude: qualified names of Conv2d/Linear layers to keep dense (e.g. head, first conv).
         density_floor: layers whose target density falls below it are reported in ``warnings``.
+        pattern: ``(n, m)`` for N:M masks (``sparsity`` must be ``1 - n/m``; ``allocation`` is
+            then unused); layers whose input dimension is not a multiple of ``m`` stay dense and
+            are listed in ``ineligible``.
     """
 
     def __init__(self, model: nn.Module, sparsity: float, *, allocation: str = "global",
-                 exclude: tuple[str, ...] = (), density_floor: float = 0.0) -> None:
+                 exclude: tuple[str, ...] = (), density_floor: float = 0.0,
+                 pattern: tuple[int, int] | None = None) -> None:
         if allocation not in ALLOCATIONS:
             raise ValueError(f"allocation: unknown '{allocation}'; choose from {', '.join(ALLOCATIONS)}")
         if not 0.0 <= sparsity < 1.0:
@@ -231,8 +279,18 @@ class MaskedNetwork:
         unknown = set(exclude) - {n for n, _ in all_layers}
         if unknown:
             raise ValueError(f"exclude: not prunable layers: {sorted(unknown)}")
-        self.excluded = [(n, m) for n, m in all_layers if n in exclude]
-        self.layers = [(n, m) for n, m in all_layers if n not in exclude]
+        self.pattern = pattern
+        if pattern is not None:
+            n_keep, group = pattern
+            if not 0 < n_keep < group:
+                raise ValueError(f"pattern: N:M needs 0 < N < M, got {n_keep}:{group}")
+            if abs(sparsity - (1 - n_keep / group)) > 1e-9:
+                raise ValueError(f"sparsity: an {n_keep}:{group} pattern removes {1 - n_keep / group:g} "
+                                 f"of each layer's weights, not {sparsity:g}")
+        self.ineligible = [n for n, m in all_layers if n not in exclude and pattern is not None
+                           and not nm_eligible(_weight_of(m), pattern[1])]
+        self.excluded = [(n, m) for n, m in all_layers if n in exclude or n in self.ineligible]
+        self.layers = [(n, m) for n, m in all_layers if n not in exclude and n not in self.ineligible]
         if not self.layers:
             raise ValueError("no prunable layers left after exclusions")
         self.mode = "dense"
@@ -264,6 +322,8 @@ class MaskedNetwork:
         sums to ``global_keep`` for global allocation."""
         sparsity = self.sparsity if sparsity is None else sparsity
         sizes = [_weight_of(m).numel() for _, m in self.layers]
+        if self.pattern is not None:
+            return [n * self.pattern[0] // self.pattern[1] for n in sizes]
         if self.allocation == "layerwise":
             return [n - round(sparsity * n) for n in sizes]
         if self.allocation == "erk":
@@ -286,6 +346,8 @@ class MaskedNetwork:
             m.register_parameter("weight_scores", nn.Parameter(s))
             m.register_buffer("weight_threshold", torch.zeros((), device=weight.device))
             m._vpns_hook = m.register_forward_pre_hook(_score_hook)
+            if self.pattern is not None:
+                m.__dict__["_vpns_nm"] = self.pattern
             m.weight = weight.detach()
         # first among the pre-hooks, so a model that is itself a prunable layer refreshes first
         self._refresh_handle = self.model.register_forward_pre_hook(lambda *_: self.refresh(), prepend=True)
@@ -311,6 +373,11 @@ class MaskedNetwork:
             return
         versions = self._param_versions()
         if versions == self._versions and not force:
+            return
+        if self.pattern is not None:  # per layer, one topk over its groups
+            for _, m in self.layers:
+                _refresh_nm(m, *self.pattern)
+            self._versions = self._param_versions()
             return
         if self.allocation == "global":
             groups = [([m for _, m in self.layers], self.total - self.global_keep)]
@@ -349,6 +416,9 @@ class MaskedNetwork:
         sparsity = self.sparsity if sparsity is None else sparsity
         if len(importance) != len(self.layers):
             raise ValueError(f"importance: {len(importance)} tensors for {len(self.layers)} layers")
+        if self.pattern is not None:  # the pattern fixes the count: n of every m, per group
+            return {n: nm_mask(v.detach().view(_weight_of(m).shape), *self.pattern)
+                    for (n, m), v in zip(self.layers, importance)}
         flat = [v.detach().flatten() for v in importance]
         if self.allocation == "global":
             allv = torch.cat(flat)
@@ -391,6 +461,7 @@ class MaskedNetwork:
                 m._vpns_hook.remove()
                 del m._vpns_hook, m.weight
                 m.__dict__.pop(_STATE, None)
+                m.__dict__.pop("_vpns_nm", None)
                 del m._parameters["weight_orig"], m._parameters["weight_scores"]
                 del m._buffers["weight_threshold"]
             else:

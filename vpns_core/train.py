@@ -173,11 +173,12 @@ class Trial:
         exclude = []
         if not cfg.prune_head:
             exclude.append(self.head_name)
-        if not cfg.prune_first:
+        if not cfg.prune_first or cfg.nm is not None:  # N:M: the first conv stays dense (3 inputs)
             exclude.append(first_layer(self.model)[0])
         self.net = MaskedNetwork(self.model, self.method.weight_sparsity(cfg),
                                  allocation=cfg.allocation, exclude=tuple(exclude),
-                                 density_floor=cfg.density_floor)
+                                 density_floor=cfg.density_floor,
+                                 pattern=cfg.nm if self.method.prunes and not self.method.structured else None)
         #: channel methods' dependency groups, gates and physical removal (set by their ``setup``)
         self.channels: ChannelPruner | None = None
         self.method.setup(self)
@@ -874,6 +875,8 @@ class Trial:
             final.update(self.costs(export))
         final["trial_time_s"] = self.wall_time + self.eval_time  # training and evaluation
         final["prompt_tunable"] = self.prompt.tunable_count if self.uses_prompt else 0
+        if self.cfg.nm is not None:  # the layers an N:M pattern leaves dense, by name
+            final["nm_dense_layers"] = ", ".join(n for n, _ in self.net.excluded)
         pad = self.uses_prompt and self.cfg.prompt == "pad"
         final["prompt_input_fraction"] = self.cfg.prompt_input_fraction if pad else 0.0
         final["prompt_image_fraction"] = self.cfg.prompt_image_fraction if pad else 0.0

@@ -54,6 +54,9 @@ class Method:
     rewinds = False
     #: whether it removes whole channels (:mod:`vpns_core.methods.channel`; sparsity = channel sparsity)
     structured = False
+    #: whether its masks can follow an N:M pattern (``cfg.pattern``): it ranks weights once, or
+    #: learns scores whose mask is recomputed each step; not iterative schedules (LTH)
+    semi_structured = True
 
     def vp_stages(self, cfg: "Config") -> str:
         """Stages in which the visual prompt is used (``both``, ``mask``, ``tune``, ``none``)."""
@@ -76,6 +79,10 @@ class Method:
                                   f"(got {cfg.post_prompt!r})")
         if cfg.mask_file is not None and not self.prunes:
             raise ConfigError(f"mask_file: method '{self.name}' does not prune (got {cfg.mask_file!r})")
+        if cfg.nm is not None and not (self.prunes and self.semi_structured and not self.structured):
+            raise ConfigError(f"pattern: method '{self.name}' cannot produce {cfg.pattern} masks "
+                              f"(N:M works with the score methods and the one-shot rankers); "
+                              f"got pattern={cfg.pattern!r}")
 
     def run(self, trial: "Trial") -> None:
         raise NotImplementedError

@@ -43,6 +43,7 @@ class LotteryTicket(Method):
     """
 
     name = "lth"
+    semi_structured = False  # 20% of the remaining weights per round: no N:M schedule
     label = "LTH"
     plot_order = 15
     rewinds = True
