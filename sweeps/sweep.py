@@ -10,6 +10,7 @@ cluster.
 Layout of one sweep (``--storage-path`` defaults to ``results/sweeps``)::
 
     <storage>/<script>-<preset>-<time>/sweep.json         the flags that define the sweep
+    <storage>/<script>-<preset>-<time>/driver.lock        held by the driver running it (sweeps.lock)
     <storage>/<script>-<preset>-<time>/<phase>/           one Tune experiment per phase
     <storage>/<script>-<preset>-<time>/trials.parquet     one row per trial
     <storage>/<script>-<preset>-<time>/epochs.parquet     one row per trial and epoch
@@ -19,10 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
+import signal
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +39,7 @@ from ray import tune
 from search_spaces import base as base_presets, learning_rates
 from search_spaces.points import (check_points, driver_config, listed_axes, longest_first,
                                   named_points, point_configs)
+from sweeps import lock
 from sweeps.code_version import git_commit
 from sweeps.data_parallel import PlacementGroupReaper, Scaling
 from sweeps.flags import DEFINING, RESULTS, USER_ERRORS, build_parser, parse_overrides, runtime_fields
@@ -44,7 +49,7 @@ from sweeps.preflight import (UsageError, check_address, check_cluster_resources
 from sweeps.resources import check_resources, prepare_resources
 from sweeps.results import Phase, collect, export_parquet, print_results, result_table
 from sweeps.schedulers import PhaseSearch, tune_axis, tune_config
-from sweeps.tracking import MLflowTracker, failure_reason, open_mlflow, ui_link
+from sweeps.tracking import STOPPED, MLflowTracker, failure_reason, open_mlflow, ui_link
 from sweeps.trainable import trainable
 from vpns_core.checkpoint import atomic_write
 from vpns_core.distributed import check_data_parallel
@@ -55,6 +60,11 @@ from vpns_core.errors import ConfigError
 #: server went away): the results are safe in Tune's storage and the Parquet export, and
 #: ``--resume NAME`` back-fills MLflow once the server answers
 UNLOGGED = 3
+#: exit status of a sweep whose Ray (raylet or head node) was lost under it: what finished is in
+#: the Parquet export, the unfinished trials' MLflow runs are KILLED, ``--resume NAME`` continues
+RAY_LOST = 4
+#: exit status of a sweep stopped by Ctrl-C (SIGINT): as :data:`RAY_LOST`, 128 + SIGINT
+INTERRUPTED = 130
 #: system settings of the local Ray a sweep starts (``ray.init`` without ``--address``). Ray
 #: pre-starts one idle Python worker per CPU when the first driver connects; Tune's trial actors
 #: start workers of their own and never use those (they exit idle 10 s later), and on 2 cores
@@ -64,6 +74,24 @@ LOCAL_RAY_SYSTEM_CONFIG = {"prestart_worker_first_driver": False}
 
 class SweepInterrupted(Exception):
     """A phase stopped before all its trials ended (Ctrl-C); ``--resume`` continues it."""
+
+    reason = "interrupted (Ctrl-C)"
+    status = INTERRUPTED
+
+
+class RayLost(SweepInterrupted):
+    """Ray (the raylet or the head node) went away under a phase; ``--resume`` continues it."""
+
+    status = RAY_LOST
+
+    def __init__(self, phase: str, why: str) -> None:
+        self.reason = f"Ray was lost under the sweep ({why})"
+        super().__init__(phase)
+
+    @classmethod
+    def from_error(cls, phase: str, err: BaseException) -> RayLost:
+        text = " ".join(str(err).split())
+        return cls(phase, f"{type(err).__name__}: {text[:160] + '...' if len(text) > 160 else text}")
 
 
 @dataclass
@@ -84,6 +112,9 @@ class Sweep:
     dry_run: bool = False
     #: whether Ray's state API answers (data-parallel trials; see sweeps.data_parallel.Scaling)
     state_api: bool = True
+    #: set when the driver's Ray died under the sweep (see :func:`_supervise`): each phase then
+    #: only reads what Tune saved, closes its MLflow runs and raises this
+    lost: RayLost | None = None
 
     @property
     def preset(self) -> str:
@@ -149,7 +180,11 @@ class Sweep:
             phase = Phase(name, listed_axes(axes), [], complete=True, checked_only=True)
             self.phases.append(phase)
             return phase
-        prepare_resources(configs, download=args.download)
+        path = self.dir / name
+        if self.lost is not None and not tune.Tuner.can_restore(str(path)):
+            raise self.lost  # the phase never started
+        if self.lost is None:
+            prepare_resources(configs, download=args.download)
         order = listed_axes(axes)  # results keep the space's order
         if custom:  # sampled: no listed values, but the labels name every trial
             order.update({k: [] for k in custom.label_keys if k not in order})
@@ -168,8 +203,9 @@ class Sweep:
                           state_api=self.state_api)
         fn = tune.with_resources(tune.with_parameters(trainable, points=points, scaling=scaling),
                                  scaling.trial_resources())
-        path = self.dir / name
-        if self.resuming and tune.Tuner.can_restore(str(path)):
+        if self.lost is not None:
+            tuner = None  # read what Tune saved before Ray went away
+        elif self.resuming and tune.Tuner.can_restore(str(path)):
             print(f"[{self.name}] resuming phase '{name}' from {path}", flush=True)
             tuner = tune.Tuner.restore(str(path), trainable=fn, resume_errored=False,
                                        restart_errored=args.retry_failed)
@@ -188,10 +224,17 @@ class Sweep:
                                    failure_config=tune.FailureConfig(max_failures=args.max_failures),
                                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                    verbose=1))
+        stop: SweepInterrupted | None = None
         try:
-            tuner.fit()
+            if tuner is not None:
+                tuner.fit()
         except tune.TuneError as err:  # e.g. "trials did not complete": the records say which
             print(f"[{self.name}] Tune reported: {err}", file=sys.stderr)
+        except ray.exceptions.RayError as err:  # Tune keeps a trial's errors; this is Ray's own
+            stop = RayLost.from_error(name, err)
+            print(f"[{self.name}] {stop.reason}; saving what finished", file=sys.stderr, flush=True)
+        except KeyboardInterrupt:  # a second Ctrl-C, or one outside Tune's own handler
+            stop = SweepInterrupted(name)
         records = collect(path, name, points)
         run_ids, unlogged = tracker.backfill(path, records)
         self.run_ids.update(run_ids)
@@ -199,8 +242,12 @@ class Sweep:
         phase = Phase(name, order, records,
                       complete=all(r["status"] in ("TERMINATED", "ERROR") for r in records))
         self.phases.append(phase)
-        if not phase.complete:  # Ctrl-C: Tune saved its state; later phases must not start
-            raise SweepInterrupted(name)
+        if stop is None and not phase.complete:  # Ctrl-C (Tune saved its state), or Ray lost
+            stop = self.lost or SweepInterrupted(name)
+        if stop is not None:  # later phases must not start
+            phase.complete = False
+            self.unlogged.update(tracker.mark_killed(records, stop.reason))
+            raise stop
         return phase
 
 
@@ -253,7 +300,10 @@ def run_sweep(script: str, plan: Callable[[Sweep], None], argv: list[str] | None
     space, data, weights, storage, tracking store, cluster) before Ray starts or anything is
     written, then start (or join) Ray, open the MLflow parent run, run ``plan(sweep)``, export
     Parquet, print the table and call the analysis hook. Returns the exit status: 2 with one
-    line on stderr for a user's mistake.
+    line on stderr for a user's mistake or when another driver holds the sweep's folder
+    (:mod:`sweeps.lock`); otherwise as :func:`_finish` says. From the command line (``argv``
+    None) Ray runs in a child process (:func:`_supervise`), so that losing it ends the sweep
+    with :data:`RAY_LOST` and its results saved.
 
     ``flags(parser)`` adds the script's own flags and returns their destinations: they define
     the sweep (``--resume`` takes them from sweep.json like the shared ones). ``seeds(preset)``
@@ -271,10 +321,28 @@ def run_sweep(script: str, plan: Callable[[Sweep], None], argv: list[str] | None
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    try:
+        held = _hold(args, name, resuming)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     sweep = _create_sweep(script, args, name, resuming)
     sweep.default_samples = num_samples
     started = time.time()
-    own_ray = not ray.is_initialized()
+    try:
+        if argv is None and not ray.is_initialized():  # a sweep started from the command line
+            return _supervise(sweep, held, lambda lost: _drive(sweep, plan, started, lost is None, lost))
+        return _drive(sweep, plan, started, own_ray=not ray.is_initialized())
+    finally:
+        held.release()
+
+
+def _drive(sweep: Sweep, plan: Callable[[Sweep], None], started: float, own_ray: bool,
+           lost: RayLost | None = None) -> int:
+    """Start (or join) Ray unless ``own_ray`` is False, open the MLflow parent run, run ``plan``
+    and :func:`_finish`; returns the exit status. With ``lost`` (the driver's Ray died), Ray is
+    not started: each phase reads what Tune saved and the sweep ends as :data:`RAY_LOST`."""
+    args = sweep.args
     ran = False
     try:
         if own_ray:
@@ -284,19 +352,22 @@ def run_sweep(script: str, plan: Callable[[Sweep], None], argv: list[str] | None
             else:
                 ray.init(include_dashboard=False,  # nothing listens beyond this machine
                          _system_config=LOCAL_RAY_SYSTEM_CONFIG)
-        if args.workers_per_trial > 1:
+        if args.workers_per_trial > 1 and lost is None:
             sweep.state_api = state_api_answers()
         open_mlflow(sweep)
         link = ui_link(args.tracking_uri, sweep.experiment_id)
-        print(f"[{sweep.name}] {args.search} search, {args.scheduler} scheduler, preset "
-              f"{args.preset}; results in {sweep.dir}; MLflow {args.tracking_uri}"
-              + (f" (UI: {link})" if link else ""), flush=True)
+        if lost is None:
+            print(f"[{sweep.name}] {args.search} search, {args.scheduler} scheduler, preset "
+                  f"{args.preset}; results in {sweep.dir}; MLflow {args.tracking_uri}"
+                  + (f" (UI: {link})" if link else ""), flush=True)
         ran = True
+        sweep.lost = lost
+        stop = None
         try:
             plan(sweep)
-        except SweepInterrupted:
-            pass  # write what there is; _finish prints how to resume
-        return _finish(sweep, time.time() - started)
+        except SweepInterrupted as err:
+            stop = err  # write what there is; _finish prints how to resume
+        return _finish(sweep, time.time() - started, stop)
     except USER_ERRORS as err:  # e.g. a cluster too small; checked before any trial started
         print(f"error: {err}", file=sys.stderr)
         _abandon(sweep, err, ran_trials=ran and any(p.records for p in sweep.phases))
@@ -304,6 +375,90 @@ def run_sweep(script: str, plan: Callable[[Sweep], None], argv: list[str] | None
     finally:
         if own_ray:
             ray.shutdown()
+
+
+#: the signal a supervised driver gets when the process that started it dies (prctl)
+_ORPHANED = signal.SIGHUP
+
+
+def _supervise(sweep: Sweep, held: lock.SweepLock, drive: Callable[[RayLost | None], int]) -> int:
+    """Run ``drive(None)`` (the sweep with its Ray) in a child process of its own process group
+    and return its exit status. Ray's core worker ends a driver whose raylet or head node is
+    lost at once (exit 1, no Python code runs); then this process, which never joined Ray, says
+    so in one line and runs ``drive(RayLost)``: the Parquet of what finished, the unfinished
+    MLflow runs KILLED, the resume command, exit :data:`RAY_LOST`. Ctrl-C and SIGTERM reach the
+    child as one SIGINT (Tune stops and saves); whatever of the child's group outlives it (Ray's
+    processes) is killed, and the child kills its group when this process dies (SIGKILL)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    read_end, write_end = os.pipe()
+    parent = os.getpid()
+    child = os.fork()
+    if child == 0:
+        status = 1
+        try:
+            os.close(read_end)
+            os.setpgid(0, 0)
+            held.forget()  # the lock stays with the parent: it dies when the parent does
+            signal.signal(_ORPHANED, lambda *_: os.killpg(0, signal.SIGKILL))
+            _die_with(parent)
+            status = drive(None)
+        except BaseException:  # noqa: BLE001 - reported here; the child must never return
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.write(write_end, bytes([status & 0xFF]))
+            os._exit(status)
+    os.close(write_end)
+
+    def forward(signum, frame) -> None:
+        os.kill(child, signal.SIGINT)
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        _, wait_status = os.waitpid(child, 0)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    reported = os.read(read_end, 1)
+    os.close(read_end)
+    try:
+        os.killpg(child, signal.SIGKILL)  # Ray's processes the child left behind
+    except (ProcessLookupError, PermissionError):
+        pass
+    if reported:
+        return reported[0]
+    how = (f"killed by {signal.Signals(os.WTERMSIG(wait_status)).name}" if os.WIFSIGNALED(wait_status)
+           else f"exit {os.waitstatus_to_exitcode(wait_status)}")
+    lost = RayLost("", f"its driver process ended ({how}): the raylet or head node went away, "
+                       f"or the process was killed")
+    print(f"[{sweep.name}] {lost.reason}; saving what finished", file=sys.stderr, flush=True)
+    return drive(lost)
+
+
+def _die_with(parent: int) -> None:
+    """Have the kernel send :data:`_ORPHANED` to this process when ``parent`` dies (Linux)."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(_ORPHANED), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # it died before the request
+        os.killpg(0, signal.SIGKILL)
+
+
+def _hold(args: argparse.Namespace, name: str, resuming: bool) -> lock.SweepLock:
+    """The sweep folder's lock (:mod:`sweeps.lock`), or a user error naming its holder. A new
+    sweep whose name another driver took meanwhile is refused as ``_sweep_name`` refuses it."""
+    folder = Path(args.storage_path).expanduser().resolve() / name
+    flag = f"--resume {name}" if resuming else f"--name {name}"
+    held = lock.acquire(folder, flag)
+    if not resuming and (folder / "sweep.json").exists():
+        held.release()
+        raise UsageError(f"--name {name}: {folder} exists; pass --resume {name} to continue it, "
+                         f"or another --name")
+    return held
 
 
 def _preflight(script: str, args: argparse.Namespace, plan: Callable[[Sweep], None],
@@ -391,9 +546,11 @@ def _create_sweep(script: str, args: argparse.Namespace, name: str, resuming: bo
     return Sweep(script, name, args, folder, resuming=resuming)
 
 
-def _finish(sweep: Sweep, elapsed: float) -> int:
+def _finish(sweep: Sweep, elapsed: float, stop: SweepInterrupted | None = None) -> int:
     """Export, print and draw the sweep's results, log them to its parent run and return the exit
-    status: 130 interrupted, :data:`UNLOGGED` if MLflow lacks some of it, 1 if a trial failed."""
+    status: ``stop.status`` if it stopped early (:data:`INTERRUPTED`, :data:`RAY_LOST`; then the
+    last line says so and how to resume), :data:`UNLOGGED` if MLflow lacks some of it, 1 if a
+    trial failed."""
     import analysis
 
     trials_path, epochs_path = export_parquet(sweep, sweep.run_ids)
@@ -401,10 +558,14 @@ def _finish(sweep: Sweep, elapsed: float) -> int:
     print_results(sweep, rows)
     outputs = analysis.sweep_figure(sweep.script, rows, trials_path, epochs_path, sweep.dir)
     failed = sum(r["status"] == "ERROR" for p in sweep.phases for r in p.records)
-    complete = all(p.complete for p in sweep.phases)
-    parent_error = _log_parent(sweep, [trials_path, epochs_path, *outputs], failed, elapsed, complete)
+    complete = stop is None and all(p.complete for p in sweep.phases)
+    parent_error = _log_parent(sweep, [trials_path, epochs_path, *outputs], failed, elapsed,
+                               complete, stop.reason if stop else "")
     total = sum(len(p.records) for p in sweep.phases)
-    print(f"\n[{sweep.name}] {total} trials, {failed} failed, "
+    ended = sum(r["status"] in ("TERMINATED", "ERROR") or r["final"] is not None
+                for p in sweep.phases for r in p.records)
+    counts = f"{total} trials" if complete else f"stopped early: {ended} of {total} started trials ended"
+    print(f"\n[{sweep.name}] {counts}, {failed} failed, "
           f"{elapsed:.0f} s. Parquet: {trials_path}, {epochs_path}; outputs: "
           f"{', '.join(map(str, outputs))}; MLflow experiment '{sweep.script}' at "
           f"{sweep.args.tracking_uri}", flush=True)
@@ -423,15 +584,19 @@ def _finish(sweep: Sweep, elapsed: float) -> int:
             print(f"[{sweep.name}] trials missing from MLflow: {', '.join(sorted(sweep.unlogged))}",
                   flush=True)
     if not complete:
-        print(f"interrupted: continue with  {resume}")
-        return 130
+        reason = stop.reason if stop else SweepInterrupted.reason
+        print(f"[{sweep.name}] {reason}: the sweep stopped before its end; unfinished trial runs "
+              f"are KILLED in MLflow; continue with  {resume}", flush=True)
+        return stop.status if stop else INTERRUPTED
     if sweep.unlogged or parent_error:
         return UNLOGGED
     return 1 if failed else 0
 
 
-def _log_parent(sweep: Sweep, paths: list[Path], failed: int, elapsed: float, complete: bool) -> str:
-    """The sweep's files and totals on its parent run; the reason if MLflow refused them."""
+def _log_parent(sweep: Sweep, paths: list[Path], failed: int, elapsed: float, complete: bool,
+                reason: str = "") -> str:
+    """The sweep's files and totals on its parent run (KILLED with ``reason`` if it stopped
+    early); the reason if MLflow refused them."""
     from mlflow.tracking import MlflowClient
     client = MlflowClient(sweep.args.tracking_uri)
     try:
@@ -439,6 +604,8 @@ def _log_parent(sweep: Sweep, paths: list[Path], failed: int, elapsed: float, co
             client.log_artifact(sweep.parent_run_id, str(path))
         client.log_metric(sweep.parent_run_id, "failed_trials", failed)
         client.log_metric(sweep.parent_run_id, "sweep_wall_time_s", elapsed)
+        if reason:
+            client.set_tag(sweep.parent_run_id, STOPPED, reason)
         client.set_terminated(sweep.parent_run_id, status="FINISHED" if complete else "KILLED")
     except Exception as err:  # noqa: BLE001 - the results are on disk; report, don't crash
         return failure_reason(err)

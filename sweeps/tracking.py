@@ -55,6 +55,8 @@ HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BA
 RETRY_AFTER_S = 30.0
 #: MLflow accepts at most 1000 metrics per log_batch call
 BATCH = 1000
+#: the tag that says why a run (trial or parent) was KILLED: Ctrl-C, or Ray lost under the sweep
+STOPPED = "stopped"
 #: the experiment tag that makes MLflow 3's UI treat an experiment as model training
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
@@ -191,6 +193,8 @@ class MLflowTracker(tune.Callback):
                               closed=final and run.info.status == "FINISHED")
             if run.info.status != "RUNNING" and not state.closed:
                 self.client.update_run(state.run_id, status="RUNNING")
+                if STOPPED in run.data.tags:  # resumed: the reason it stopped no longer holds
+                    self.client.delete_tag(state.run_id, STOPPED)
         else:
             state = _RunState(self._create(trial))
         self._runs[trial.trial_id] = state
@@ -379,6 +383,31 @@ class MLflowTracker(tune.Callback):
         elif record["status"] == "ERROR" and status != "FAILED":
             self._fail_run(run_id, trial, record["error"] or "unknown error")
 
+    def mark_killed(self, records: list[dict[str, Any]], reason: str) -> dict[str, str]:
+        """After the phase stopped early (Ctrl-C, Ray lost): every run of the phase still RUNNING
+        is KILLED with ``reason`` in its :data:`STOPPED` tag (``--resume`` reopens it), except a
+        trial that reported its end, which is FINISHED (Tune may not have saved its end yet;
+        resumed, it only reports it again). Runs Tune never saved (started just before Ray went
+        away) are found in MLflow. Returns ``{trial_id: why}`` for what MLflow refused."""
+        ended = {r["trial_id"] for r in records if r["final"] is not None and r["status"] != "ERROR"}
+        try:
+            runs = self._phase_runs()
+        except Exception as err:  # noqa: BLE001 - the results are in Tune's storage
+            return {r["trial_id"]: failure_reason(err) for r in records}
+        unlogged: dict[str, str] = {}
+        for tid, run in runs.items():
+            if run.info.status != "RUNNING":
+                continue
+            try:
+                if tid in ended:
+                    self._finish_run(run.info.run_id, early_stopped=False)
+                else:
+                    self.client.set_tag(run.info.run_id, STOPPED, reason)
+                    self.client.set_terminated(run.info.run_id, status="KILLED")
+            except Exception as err:  # noqa: BLE001
+                unlogged[tid] = failure_reason(err)
+        return unlogged
+
 
 def error_text(trial) -> str:
     """The error a failed Tune trial ended with (its traceback), or "unknown error"."""
@@ -436,6 +465,8 @@ def _open_mlflow_runs(sweep: Sweep) -> None:
     if found:
         sweep.parent_run_id = found[0].info.run_id
         client.update_run(sweep.parent_run_id, status="RUNNING")
+        if STOPPED in found[0].data.tags:  # resumed
+            client.delete_tag(sweep.parent_run_id, STOPPED)
         return
     args = sweep.args
     run = client.create_run(sweep.experiment_id, run_name=sweep.name, tags={
