@@ -85,3 +85,20 @@ def test_a_pattern_that_cannot_hold_is_refused_by_field(changes, field):
     with pytest.raises(ConfigError, match=field):
         tiny(**changes)
     assert Config(**{**tiny().to_dict(), "pattern": "1:4", "sparsity": 0.75}).nm == (1, 4)
+
+
+@pytest.mark.parametrize("schedule", ["paper", "reference"])
+def test_a_vision_transformer_runs_vpns_with_2_4_masks_on_its_linear_layers(schedule, tmp_path, monkeypatch):
+    from pathlib import Path
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "fixtures"))
+    cfg = tiny(model="user_models:tiny_vit", input_size=32, output_size=32, pad_size=4, pattern="2:4",
+               sparsity=0.5, schedule=schedule, measure_repeats=0)
+    trial = Trial(cfg, tmp_path)
+    result = trial.run()
+    pruned = dict(trial.net.layers)
+    assert trial.head_name == "heads.head" and "heads.head" not in pruned and "conv_proj" not in pruned
+    linears = [n for n, m in pruned.items() if isinstance(m, nn.Linear)]
+    assert len(linears) == 6  # per block: attention out_proj, mlp.0, mlp.3
+    masks = trial.net.current_masks()
+    assert all((groups_of(masks[n], 4) == 2).all() for n in linears)
+    assert result.final["prompt_tunable"] == 3 * (32 ** 2 - 24 ** 2)  # the pad prompt on its input
