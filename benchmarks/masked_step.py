@@ -46,18 +46,26 @@ from sweeps.text_table import print_table
 from vpns_core.config import Config
 from vpns_core.train import Trial
 
-VARIANTS = ("dense", "stage1", "stage2", "dense_prompt", "stage1_noprompt", "stage2_noprompt")
-TARGETS = {"stage1": 1.25, "stage2": 1.10}
+VARIANTS = ("dense", "stage1", "stage2", "dense_prompt", "stage1_noprompt", "stage2_noprompt",
+            "stage1_nm", "stage2_nm")
+#: variants measured by default (the N:M ones with ``--variants ... stage1_nm stage2_nm``)
+DEFAULT_VARIANTS = VARIANTS[:6]
+TARGETS = {"stage1": 1.25, "stage2": 1.10, "stage1_nm": 1.25, "stage2_nm": 1.10}
 
 
 LAYOUTS = {"auto": None, "nchw": False, "nhwc": True}
 
 
 def make_trial(size: int, pad: int, batch: int, args: argparse.Namespace, workdir: str,
-               layout: str = "auto") -> Trial:
+               layout: str = "auto", variant: str = "") -> Trial:
+    """The benchmark's trial; an ``_nm`` variant has ``args.pattern`` masks (e.g. 2:4, sparsity
+    1 - n/m) instead of unstructured ones at ``args.sparsity``."""
+    nm = variant.endswith("_nm")
+    n, m = (int(v) for v in args.pattern.split(":"))
     cfg = Config(channels_last=LAYOUTS[layout], model=args.model, pretrained=False, dataset="fashion_mnist", train_subset=batch,
                  test_subset=16, val_fraction=0.0, input_size=size, output_size=size,
-                 pad_size=pad, method="vpns", sparsity=args.sparsity, allocation=args.allocation,
+                 pad_size=pad, method="vpns", sparsity=1 - n / m if nm else args.sparsity,
+                 pattern=args.pattern if nm else "unstructured", allocation=args.allocation,
                  batch_size=batch, num_threads=args.threads, device=args.device,
                  label_mapping_samples=16, amp=args.amp)
     return Trial(cfg, workdir, resume=False)
@@ -119,7 +127,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--device", default="cpu")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=15)
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=VARIANTS,
+                   help="stage1_nm / stage2_nm: the same steps with --pattern masks")
+    p.add_argument("--pattern", default="2:4", help="N:M of the _nm variants (default 2:4)")
     p.add_argument("--clock", choices=("cpu", "wall"), default=None,
                    help="time the ratios use (default: cpu on a CPU device, wall on CUDA)")
     p.add_argument("--layout", choices=("auto", "nchw", "nhwc", "both"), default="auto",
@@ -147,7 +157,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for i, size in enumerate(args.sizes):
         batch, pad = per_size(args.batch, i), per_size(args.pads, i)
         with tempfile.TemporaryDirectory() as tmp:
-            steps = {(lay, v): prepare(make_trial(size, pad, batch, args, f"{tmp}/{lay}-{v}", lay), v)
+            steps = {(lay, v): prepare(make_trial(size, pad, batch, args, f"{tmp}/{lay}-{v}", lay, v),
+                                       v.removesuffix("_nm"))
                      for lay in layouts for v in args.variants}
             named = {f"{v} {lay}": step for (lay, v), step in steps.items()}
             by_name = interleaved_medians(named, args.warmup, args.iters, sync)

@@ -13,7 +13,11 @@ Steps (each prints one block and adds an entry to ``gpu_check.json`` under ``--o
 6. ``default``: the embedded default (EfficientNet-Lite0 -> Fashion-MNIST, the authors' loop at
    64 px, pad 8, 90% ERK) for 1 + 1 epochs: images/s, peak memory, accuracy without the prompt;
 7. ``jpeg_folder``: images/s of an epoch over a folder of real JPEGs, decoded per item against
-   the decode-once cache (``benchmarks/image_folder.py``).
+   the decode-once cache (``benchmarks/image_folder.py``);
+8. ``semi_structured``: torchvision's ``vit_b_16`` at 224 px in fp16 with 2:4 masks on its linear
+   layers, converted to torch's semi-structured format: the largest difference to the
+   dense-with-zeros model, and the speed-up of one MLP linear layer and of the whole model at
+   batch 1, 64 and 256 (skipped, with the reason, where the device has no 2:4 kernels).
 
 Every step reads its data through one data root (``--data-root``, exported by gpu_check.sh as
 ``$VPNS_DATA_ROOT``): the GPU machine has no Debian Fashion-MNIST.
@@ -188,6 +192,33 @@ def step_jpeg_folder(quick: bool) -> dict[str, Any]:
                                    "first_epoch_images_per_s", "cached_epoch_images_per_s")}
 
 
+def step_semi_structured(device: torch.device, quick: bool) -> dict[str, Any]:
+    import copy
+
+    import torchvision
+
+    from vpns_core import semi_structured
+    reason = semi_structured.unavailable(device)
+    if reason is not None:
+        return {"skipped": reason}
+    dense = torchvision.models.vit_b_16(weights=None).to(device).half().eval()
+    pruned = semi_structured.prune_2_4(dense, skip=("heads.head",))
+    sparse = copy.deepcopy(dense)
+    layers = semi_structured.convert(sparse)
+    out: dict[str, Any] = {"linear_layers_2_4": pruned, "converted": len(layers)}
+    for batch in ((1, 8) if quick else (1, 64, 256)):
+        x = torch.randn(batch, 3, 224, 224, device=device, dtype=torch.half)
+        whole = semi_structured.compare(dense, sparse, x, repeats=10)
+        name = "encoder.layers.encoder_layer_0.mlp.0"
+        tokens = torch.randn(batch * 197, 768, device=device, dtype=torch.half)
+        one = semi_structured.compare(dense.get_submodule(name), sparse.get_submodule(name), tokens, repeats=20)
+        out[f"batch_{batch}"] = {"model_max_abs_diff": whole["max_abs_diff"],
+                                 "model_speedup": whole["dense_ms"] / whole["sparse_ms"],
+                                 "model_dense_ms": whole["dense_ms"], "model_sparse_ms": whole["sparse_ms"],
+                                 "mlp_linear_speedup": one["dense_ms"] / one["sparse_ms"]}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -211,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
              ("trial", lambda: step_trial(device, trial_size, train, trial_batch, work, args.data_root)),
              ("resume", lambda: step_resume(device, work, args.data_root)),
              ("default", lambda: step_default(device, args.quick, work, args.data_root)),
-             ("jpeg_folder", lambda: step_jpeg_folder(args.quick))]
+             ("jpeg_folder", lambda: step_jpeg_folder(args.quick)),
+             ("semi_structured", lambda: step_semi_structured(device, args.quick))]
     failed = 0
     try:
         for name, fn in steps:

@@ -41,9 +41,9 @@ TUNE_KEYS = {"timestamp", "time_this_iter_s", "time_total_s", "training_iteratio
 FINAL_PREFIXES = ("selected_", "mask_stage_", "prompt_tunable", "prompt_input_fraction",
                   "prompt_image_fraction", "trial_time_s", "dense_", "pruned_", "speedup",
                   "memory_", "flops_", "params_ratio", "params_m", "latency_", "train_speedup",
-                  "train_memory_ratio", "removal_max_abs_diff")
+                  "train_memory_ratio", "removal_max_abs_diff", "semi_structured_")
 #: text values of the final report kept as run tags (what a latency was measured on)
-FINAL_TAGS = ("latency_device", "latency_layout")
+FINAL_TAGS = ("latency_device", "latency_layout", "nm_dense_layers", "semi_structured_note")
 
 
 #: MLflow's own HTTP defaults (7 retries with exponential back-off, 120 s timeout) make every call

@@ -56,6 +56,7 @@ def test_every_group_of_every_pruned_layer_keeps_exactly_n(method, schedule, tmp
         assert (layer.weight.detach()[~masks[name]] == 0).all()
     assert result.final["sparsity"] == pytest.approx(0.5)
     assert result.final["nm_dense_layers"] == "conv1, fc"  # the first conv (3 inputs) and the head
+    assert "keeps dense weights with zeros" in result.final["semi_structured_note"]  # a CPU
 
 
 def test_score_masks_are_recomputed_every_step_in_mask_finding(tmp_path):
@@ -102,3 +103,29 @@ def test_a_vision_transformer_runs_vpns_with_2_4_masks_on_its_linear_layers(sche
     masks = trial.net.current_masks()
     assert all((groups_of(masks[n], 4) == 2).all() for n in linears)
     assert result.final["prompt_tunable"] == 3 * (32 ** 2 - 24 ** 2)  # the pad prompt on its input
+
+
+def test_the_semi_structured_path_says_why_a_cpu_keeps_dense_weights():
+    from vpns_core import semi_structured
+    assert "keeps dense weights with zeros" in semi_structured.unavailable("cpu")
+    layer = nn.Linear(128, 64)
+    assert not semi_structured.eligible(layer)  # a dense weight is not 2:4
+    model = nn.Sequential(layer, nn.ReLU(), nn.Linear(64, 10))
+    assert semi_structured.prune_2_4(model) == 2
+    assert semi_structured.eligible(layer) and semi_structured.is_2_4(layer.weight)
+    assert not semi_structured.eligible(model[2])  # 10 outputs: not a multiple of 64
+
+
+@pytest.mark.cuda
+def test_a_2_4_linear_layer_converts_and_matches_on_a_gpu():
+    from vpns_core import semi_structured
+    device = torch.device("cuda")
+    if semi_structured.unavailable(device):
+        pytest.skip(semi_structured.unavailable(device))
+    dense = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 128)).half().to(device).eval()
+    semi_structured.prune_2_4(dense)
+    import copy
+    sparse = copy.deepcopy(dense)
+    assert semi_structured.convert(sparse) == ["0", "2"]
+    out = semi_structured.compare(dense, sparse, torch.randn(64, 256, device=device, dtype=torch.half), repeats=3)
+    assert out["max_abs_diff"] < 1e-2 and out["sparse_ms"] > 0
