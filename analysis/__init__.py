@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import (architectures, confirmation, cost, input_size, learning_rates, pad_size, pareto, pilot,
+from . import (architectures, confirmation, cost, input_size, learning_rates, nm, pad_size, pareto, pilot,
                prompt_effect, prompt_type, sparsity_curves, structured, transfer, vp_stage)
 from vpns_core.checkpoint import atomic_write
 
@@ -26,7 +26,7 @@ from .runs import Runs, read_parquet
 
 FIGURES = {m.NAME: m for m in (pad_size, input_size, prompt_type, vp_stage, sparsity_curves, cost,
                                architectures, transfer, pilot, structured, learning_rates,
-                               prompt_effect, pareto, confirmation)}
+                               prompt_effect, pareto, confirmation, nm)}
 #: the figures each sweep script draws (others are added when its runs hold their axis)
 SCRIPT_FIGURES = {
     "ablation_pad": ["pad_size"], "ablation_input_size": ["input_size"],
@@ -34,10 +34,10 @@ SCRIPT_FIGURES = {
     "sparsity_curves": ["sparsity_curves", "cost"], "architectures": ["architectures"],
     "transfer": ["transfer"], "learning_rates": ["learning_rates"], "pilot": ["pilot"],
     "structured": ["structured"], "prompt_effect": ["prompt_effect"], "pareto": ["pareto"],
-    "confirm_prompt": ["confirmation"],
+    "confirm_prompt": ["confirmation"], "ablation_nm": ["nm"],
 }
 #: scripts whose settings mix several axes at once: only their own figure is meaningful
-_OWN_ONLY = {"prompt_effect", "pareto", "confirm_prompt"}
+_OWN_ONLY = {"prompt_effect", "pareto", "confirm_prompt", "ablation_nm"}
 #: learning rates vary in every Optuna sweep (searched alongside its axis): their scatter is
 #: drawn for the learning-rate sweep only
 _NOT_BY_AXIS = {"learning_rates"}
