@@ -57,6 +57,7 @@ from ray.train.v2.api.callback import UserCallback
 
 from sweeps.flags import METRIC
 from sweeps.trainable import CHECKPOINT, NODES, _link, _now, place, write_artifacts
+from sweeps.usage import Usage
 from vpns_core.config import Config
 
 #: rank 0 writes its placement group's id to ``<storage>/<trial id>-<run>`` + this suffix
@@ -282,6 +283,7 @@ def _run_rank(loop, cfg, dp, rank, scratch, workdir, placement, run_trial) -> No
     placement = {**placement, "nodes": ",".join(attempts), "workers": str(dp.world),
                  "worker_nodes": ",".join(nodes)}
     (scratch / NODES).write_text(placement["nodes"])
+    usage = Usage(placement["device"])  # rank 0's process: the trial's reported use
 
     def send(metrics: dict[str, Any], folder: Path | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(folder) if folder is not None else None
@@ -295,7 +297,7 @@ def _run_rank(loop, cfg, dp, rank, scratch, workdir, placement, run_trial) -> No
         if rank != 0:  # rank 0's report is the trial's; the others only keep step with it
             send({"epoch": metrics["epoch"]}, None)
             return
-        metrics = {**metrics, **placement, "planned_epochs": loop["planned"]}
+        metrics = {**metrics, **placement, "planned_epochs": loop["planned"], "system": usage.sample()}
         with tempfile.TemporaryDirectory(dir=scratch, prefix="report-") as tmp:
             _link(workdir / CHECKPOINT, Path(tmp) / CHECKPOINT)
             _link(scratch / NODES, Path(tmp) / NODES)

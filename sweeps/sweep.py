@@ -49,7 +49,7 @@ from sweeps.preflight import (UsageError, check_address, check_cluster_resources
 from sweeps.resources import check_resources, prepare_resources
 from sweeps.results import Phase, collect, export_parquet, print_results, result_table
 from sweeps.schedulers import PhaseSearch, tune_axis, tune_config
-from sweeps.tracking import STOPPED, MLflowTracker, failure_reason, open_mlflow, ui_link
+from sweeps.tracking import STOPPED, MLflowTracker, failure_reason, open_mlflow, ui_command, ui_link
 from sweeps.trainable import trainable
 from vpns_core.checkpoint import atomic_write
 from vpns_core.distributed import check_data_parallel
@@ -103,6 +103,7 @@ class Sweep:
     resuming: bool
     experiment_id: str = ""
     parent_run_id: str = ""
+    view: str = ""  # the id of the experiment's saved view of this sweep's trials
     default_samples: int = 8  # Optuna trials when --num-samples is not given (per script)
     phases: list[Phase] = field(default_factory=list)
     run_ids: dict[str, str] = field(default_factory=dict)  # trial id -> its MLflow run
@@ -355,11 +356,13 @@ def _drive(sweep: Sweep, plan: Callable[[Sweep], None], started: float, own_ray:
         if args.workers_per_trial > 1 and lost is None:
             sweep.state_api = state_api_answers()
         open_mlflow(sweep)
-        link = ui_link(args.tracking_uri, sweep.experiment_id)
+        link = ui_link(args.tracking_uri, sweep.experiment_id, sweep.view)
+        command = ui_command(args.tracking_uri)
         if lost is None:
             print(f"[{sweep.name}] {args.search} search, {args.scheduler} scheduler, preset "
-                  f"{args.preset}; results in {sweep.dir}; MLflow {args.tracking_uri}"
-                  + (f" (UI: {link})" if link else ""), flush=True)
+                  f"{args.preset}; results in {sweep.dir}; MLflow {args.tracking_uri} (trials by "
+                  f"accuracy: {link})" + (f"\n[{sweep.name}] MLflow UI for this store: {command}"
+                                          if command else ""), flush=True)
         ran = True
         sweep.lost = lost
         stop = None

@@ -1,6 +1,8 @@
 """MLflow, written from the driver: the sweep's parent run, and one child run per trial kept by
 :class:`MLflowTracker` (a Tune callback) with the trial's config, epoch metrics, final
-accuracies and artifacts.
+accuracies and artifacts, its dataset as an MLflow input, what its process used as ``system/``
+metrics and a one-line summary as its description; and the experiment's saved view of each sweep
+(:func:`save_trials_view`), which the link the sweep prints opens.
 
 The tracking store may be a shared server that goes away mid-sweep. MLflow calls then fail in
 seconds (:func:`fail_fast`), the tracker marks the trials it could not log and stops calling for
@@ -13,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -61,13 +64,72 @@ STOPPED = "stopped"
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
-def ui_link(uri: str, experiment_id: str) -> str:
-    """The experiment's page in a tracking server's UI, opened on its runs ("" for a local store).
+#: where the UI command printed for a local store (:func:`ui_command`) serves it
+UI_ADDRESS = "http://127.0.0.1:5000"
+#: the numbers a user compares first: the runs-table columns of a sweep's saved view, in order
+#: (``sparsity`` is the realised one at the last epoch), and the run description's summary
+KEY_METRICS = ("selected_test_acc", "selected_test_acc_prompt", "selected_test_acc_noprompt",
+               "sparsity", "trial_time_s")
+#: experiment tags ``<prefix><id>`` hold MLflow 3.17's saved views of the runs table
+VIEW_PREFIX = "mlflow.sharedViewState."
+
+
+def ui_command(uri: str) -> str:
+    """The command that serves the UI of a local store (SQLite or a folder) at
+    :data:`UI_ADDRESS` ("" for a server, which serves its own). It turns off MLflow 3's job
+    runner, whose seven ``huey`` worker processes sweeps never use."""
+    if uri.startswith(("http://", "https://")):
+        return ""
+    mlflow = Path(sys.executable).with_name("mlflow")
+    try:
+        mlflow = mlflow.relative_to(Path.cwd())
+    except ValueError:
+        pass
+    return (f"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false {mlflow} ui --backend-store-uri {uri} "
+            f"--host 127.0.0.1 --port {UI_ADDRESS.rsplit(':', 1)[1]}")
+
+
+def ui_link(uri: str, experiment_id: str, view: str = "") -> str:
+    """The experiment's runs in the UI: the server at ``uri``, or for a local store the one
+    :func:`ui_command` starts; with ``view``, opened on that saved view (:func:`save_trials_view`).
     MLflow 3.17's UI opens every experiment on its GenAI overview unless the browser chose "Model
     training" (the ``workflowType`` query, which it then remembers)."""
-    if not uri.startswith(("http://", "https://")):
-        return ""
-    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI_ADDRESS
+    if view:
+        return (f"{base}/#/experiments/{experiment_id}/runs?viewStateShareKey={view}"
+                f"&workflowType=machine_learning")
+    return f"{base}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
+def view_key(sweep: str) -> str:
+    """The id of ``sweep``'s saved view (tag keys take no ``=`` or ``+``, sweep names may)."""
+    return "trials-" + re.sub(r"[^A-Za-z0-9_.-]", "_", sweep)
+
+
+def trials_view_state(sweep: str) -> dict[str, Any]:
+    """The runs table of ``sweep``'s trials as MLflow 3.17's UI keeps it: sorted by the selected
+    test accuracy, best first (which also lists them flat rather than folded under their parent
+    run), with the Dataset and :data:`KEY_METRICS` as its columns, narrow enough to fit most
+    screens (the table draws only the columns in view; the UI may still sort the metric columns
+    by name). Column keys are the UI's ``<type>.`<name>``` form."""
+    columns = ["attributes.`Dataset`", *(f"metrics.`{m}`" for m in KEY_METRICS)]
+    return {"searchFilter": f"tags.sweep = '{sweep}' and tags.role = 'trial'",
+            "orderByKey": "metrics.`selected_test_acc`", "orderByAsc": False,
+            "selectedColumns": columns, "columnOrder": columns,
+            "columnWidths": {columns[0]: 180, **{c: 110 for c in columns[1:]}}}
+
+
+def save_trials_view(client, experiment_id: str, sweep: str) -> str:
+    """Save (or refresh) the experiment's view "<sweep>: trials by accuracy"
+    (:func:`trials_view_state`) and return its id for :func:`ui_link`. The tag's value is the
+    envelope the UI writes when a user saves a view: name, times in ms, and the state as a JSON
+    string."""
+    key = view_key(sweep)
+    now = int(time.time() * 1000)
+    client.set_experiment_tag(experiment_id, VIEW_PREFIX + key, json.dumps(
+        {"name": f"{sweep}: trials by accuracy", "createdAt": now, "updatedAt": now,
+         "state": json.dumps(trials_view_state(sweep))}))
+    return key
 
 
 def fail_fast() -> None:
@@ -101,6 +163,48 @@ def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
             if k not in TUNE_KEYS and isinstance(v, (int, float))}
 
 
+def epoch_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """An epoch report's MLflow metrics: its numbers, and what the trial's process used
+    (``result["system"]``, :mod:`sweeps.usage`) under MLflow's ``system/`` prefix, which the
+    run page's "System metrics" tab shows."""
+    system = result.get("system") or {}
+    return {**_numeric(result), **{f"system/{k}": float(v) for k, v in system.items()
+                                   if isinstance(v, (int, float))}}
+
+
+def dataset_input(record: dict[str, Any]):
+    """A trial's dataset (:func:`vpns_core.data.split_record`: name, split sizes, digest) as the
+    MLflow input of its run, in the ``train`` context; the runs table's Dataset column shows
+    ``name (digest)``, the run page its split sizes (the profile)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    sizes = {k: record[k] for k in ("train", "val", "test", "num_classes") if k in record}
+    dataset = Dataset(name=record["name"], digest=record["digest"], source_type="vpns",
+                      source=json.dumps({"dataset": record["name"]}),
+                      profile=json.dumps({"num_rows": record.get("train"), **sizes}))
+    return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "train")])
+
+
+def _percent(value: Any) -> str:
+    return f"{100 * value:.1f}%" if isinstance(value, (int, float)) else "n/a"
+
+
+def summary(final: dict[str, Any]) -> str:
+    """A finished trial's key numbers (:data:`KEY_METRICS`) in one line of Markdown: its run's
+    description, the first thing on the run's page."""
+    data = final.get("dataset") or {}
+    line = (f"**Test accuracy {_percent(final.get('selected_test_acc'))}** (epoch "
+            f"{final.get('selected_epoch', '?')}, selected on validation): "
+            f"{_percent(final.get('selected_test_acc_prompt'))} with the prompt, "
+            f"{_percent(final.get('selected_test_acc_noprompt'))} without · sparsity "
+            f"{_percent(final.get('sparsity'))}")
+    if isinstance(final.get("trial_time_s"), (int, float)):
+        line += f" · trial time {final['trial_time_s']:.0f} s"
+    if data:
+        line += (f" · {data['name']}: {data.get('train')} train / {data.get('val')} val / "
+                 f"{data.get('test')} test images")
+    return line
+
+
 @dataclass
 class _RunState:
     run_id: str
@@ -108,6 +212,7 @@ class _RunState:
     final: bool = False
     artifacts: bool = False
     closed: bool = False  # FINISHED with its final metrics: a re-reported end leaves it alone
+    dataset: bool = False  # its dataset input is logged
 
 
 def placement_tags(result: dict[str, Any]) -> list:
@@ -122,8 +227,10 @@ class MLflowTracker(tune.Callback):
 
     Runs are found again by their ``trial_id`` tag, so a resumed sweep or a retried trial keeps
     its run (no duplicates) and epochs already logged are not logged twice. Params: every Config
-    value; metrics: every numeric epoch metric at ``step = epoch``, then the final selected
-    accuracies; artifacts: layer stats (JSON, CSV), the prompt PNG, the model with --log-model.
+    value; metrics: every numeric epoch metric at ``step = epoch`` (with the process's use under
+    ``system/``, :func:`epoch_metrics`), then the final selected accuracies; its dataset as an
+    input (:func:`dataset_input`), once; the final numbers as its description (:func:`summary`);
+    artifacts: layer stats (JSON, CSV), the prompt PNG, the model with --log-model.
     """
 
     def __init__(self, *, tracking_uri: str, experiment_id: str, parent_run_id: str,
@@ -190,7 +297,8 @@ class MLflowTracker(tune.Callback):
             final = "final_epoch" in run.data.metrics
             state = _RunState(run.info.run_id, int(run.data.metrics.get("epoch", 0)), final,
                               run.data.tags.get("artifacts") == "logged",
-                              closed=final and run.info.status == "FINISHED")
+                              closed=final and run.info.status == "FINISHED",
+                              dataset=_has_dataset(run))
             if run.info.status != "RUNNING" and not state.closed:
                 self.client.update_run(state.run_id, status="RUNNING")
                 if STOPPED in run.data.tags:  # resumed: the reason it stopped no longer holds
@@ -243,12 +351,15 @@ class MLflowTracker(tune.Callback):
         state = self._run(trial)
         now = int(time.time() * 1000)
         epoch = int(result.get("epoch", 0))
+        if result.get("dataset") and not state.dataset:
+            self.client.log_inputs(state.run_id, datasets=[dataset_input(result["dataset"])])
+            state.dataset = True
         if result.get("final"):
             if not state.final:
                 self._log_final(state.run_id, result, now)
                 state.final = True
         elif epoch > state.last_epoch:
-            metrics = [Metric(k, v, now, epoch) for k, v in _numeric(result).items()]
+            metrics = [Metric(k, v, now, epoch) for k, v in epoch_metrics(result).items()]
             self.client.log_batch(state.run_id, metrics=metrics, tags=placement_tags(result))
             state.last_epoch = epoch
 
@@ -259,6 +370,7 @@ class MLflowTracker(tune.Callback):
         values["final_epoch"] = epoch
         from mlflow.entities import RunTag
         tags = placement_tags(result) + [RunTag(k, str(result[k])) for k in FINAL_TAGS if result.get(k)]
+        tags.append(RunTag("mlflow.note.content", summary(result)))
         self.client.log_batch(run_id, metrics=[Metric(k, v, stamp, epoch) for k, v in values.items()],
                               tags=tags)
 
@@ -368,10 +480,13 @@ class MLflowTracker(tune.Callback):
             epoch = int(result.get("epoch", 0))
             if epoch > last:
                 stamp = int(result.get("timestamp", time.time()) * 1000)
-                batch += [Metric(k, v, stamp, epoch) for k, v in _numeric(result).items()]
+                batch += [Metric(k, v, stamp, epoch) for k, v in epoch_metrics(result).items()]
         for start in range(0, len(batch), BATCH):
             self.client.log_batch(run_id, metrics=batch[start:start + BATCH])
         final = record["final"]
+        data = next((r["dataset"] for r in [*record["epochs"], final or {}] if r.get("dataset")), None)
+        if data and (run is None or not _has_dataset(run)):
+            self.client.log_inputs(run_id, datasets=[dataset_input(data)])
         if final is not None and "final_epoch" not in metrics:
             self._log_final(run_id, final, int(final.get("timestamp", time.time()) * 1000))
         if tags.get("artifacts") != "logged" and record.get("checkpoint"):
@@ -407,6 +522,11 @@ class MLflowTracker(tune.Callback):
             except Exception as err:  # noqa: BLE001
                 unlogged[tid] = failure_reason(err)
         return unlogged
+
+
+def _has_dataset(run) -> bool:
+    inputs = getattr(run, "inputs", None)
+    return bool(inputs is not None and inputs.dataset_inputs)
 
 
 def error_text(trial) -> str:
@@ -460,6 +580,7 @@ def _open_mlflow_runs(sweep: Sweep) -> None:
         for key, value in EXPERIMENT_KIND.items():  # created by an older version or by hand
             if experiment.tags.get(key) != value:
                 client.set_experiment_tag(sweep.experiment_id, key, value)
+    sweep.view = save_trials_view(client, sweep.experiment_id, sweep.name)
     found = client.search_runs([sweep.experiment_id], max_results=1,
                                filter_string=f"tags.sweep = '{sweep.name}' and tags.role = 'parent'")
     if found:

@@ -23,6 +23,7 @@ from ray import tune
 
 from search_spaces.points import resolve
 from sweeps.flags import METRIC
+from sweeps.usage import Usage
 from vpns_core.config import Config
 from vpns_core.errors import ConfigError
 
@@ -159,12 +160,13 @@ def _train(cfg: Config, scratch: Path, placement: dict[str, str]) -> None:
             resume = True
     placement = {**placement, "nodes": ",".join(nodes)}
     (scratch / NODES).write_text(placement["nodes"])
+    usage = Usage(placement["device"])
 
     def report(metrics: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory(dir=scratch, prefix="report-") as tmp:
             _link(workdir / CHECKPOINT, Path(tmp) / CHECKPOINT)
             _link(scratch / NODES, Path(tmp) / NODES)
-            tune.report({**metrics, **placement, "planned_epochs": planned},
+            tune.report({**metrics, **placement, "planned_epochs": planned, "system": usage.sample()},
                         checkpoint=tune.Checkpoint.from_directory(tmp))
 
     # resume=False without a Tune checkpoint: an epoch Tune never saw must run (and report) again

@@ -2,6 +2,7 @@
 import importlib
 import pickle
 import pkgutil
+import re
 import tempfile
 from pathlib import Path
 
@@ -149,7 +150,18 @@ def test_optuna_on_listed_points_only_samples_each_point_once(tmp_path, tracking
                                  "--num-samples", "5", "--set", f"mask_lr={tiny['mask_lr']}",
                                  "--set", f"tune_lr={tiny['tune_lr']}"))
     assert rc == 0
-    assert "--num-samples 5 > the 2 points of the space: running 2" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    # a local store (SQLite): the link of the sweep's saved view, and the command that serves it
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if "(trials by accuracy: " in line)
+    first, second = lines[start:start + 2]
+    name = sweep_dir(tmp_path).name
+    assert re.search(r"\(trials by accuracy: http://127\.0\.0\.1:5000/#/experiments/\d+/runs\?"
+                     rf"viewStateShareKey=trials-{re.escape(name)}&workflowType=machine_learning\)$", first)
+    assert re.fullmatch(rf"\[{re.escape(name)}\] MLflow UI for this store: "
+                        r"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false \S*mlflow ui --backend-store-uri "
+                        rf"{re.escape(tracking)} --host 127\.0\.0\.1 --port 5000", second)
+    assert "--num-samples 5 > the 2 points of the space: running 2" in out
     trials = pq.read_table(sweep_dir(tmp_path) / "trials.parquet").to_pylist()
     assert sorted(str(t["axis.pad"]) for t in trials) == ["4", "none"]  # tiny's pads, none twice
     sampler = ShuffledGridSampler({"pad": ["none", 4, 8, 12]}, seed=3)

@@ -2,6 +2,8 @@
 local folder, 127.0.0.1, one worker): runs, metrics and artifacts go through it and are read back
 by the analysis; the UI opens the experiment on its runs; a server killed mid-sweep loses no
 result, and ``--resume`` back-fills its runs once it is back, without duplicates."""
+import contextlib
+import io
 import os
 import re
 import shutil
@@ -20,7 +22,7 @@ from mlflow.tracking import MlflowClient
 
 from sweeps import ablation_pad
 from sweeps.sweep import UNLOGGED
-from sweeps.tracking import EXPERIMENT_KIND, ui_link
+from sweeps.tracking import EXPERIMENT_KIND, KEY_METRICS, ui_link
 
 MLFLOW = Path(sys.executable).with_name("mlflow")
 
@@ -73,11 +75,16 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(server, ray_session, tmp_path_factory):
-    """The tiny pad sweep (no prompt and pad 4, seed 7) logged through the server."""
+    """The tiny pad sweep (no prompt and pad 4, seed 7) logged through the server; what it
+    printed is in ``served.out`` next to its folder."""
     storage = tmp_path_factory.mktemp("sweeps")
-    rc = ablation_pad.main(["--preset", "tiny", "--seeds", "7", "--tracking-uri", server.url,
-                            "--storage-path", str(storage), "--name", "served", "--max-concurrent", "2"])
-    assert rc == 0
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        rc = ablation_pad.main(["--preset", "tiny", "--seeds", "7", "--tracking-uri", server.url,
+                                "--storage-path", str(storage), "--name", "served",
+                                "--max-concurrent", "2"])
+    (storage / "served.out").write_text(printed.getvalue())
+    assert rc == 0, printed.getvalue()[-3000:]
     return storage / "served"
 
 
@@ -140,13 +147,14 @@ def test_the_analysis_and_the_report_read_the_runs_back_from_the_server(server, 
     assert page.count('class="figure"') == 1
 
 
-def page_text(url: str, profile: Path) -> str:
-    """The text of ``url`` after the single-page app rendered it in headless Chromium."""
+def page_text(url: str, profile: Path, width: int = 1280) -> str:
+    """The text of ``url`` after the single-page app rendered it in headless Chromium, in a
+    window ``width`` pixels wide (the runs table draws only the columns in view)."""
     chromium = shutil.which("chromium")
     assert chromium, "chromium is missing: run scripts/setup.sh"
     dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                           "--no-first-run", "--disable-background-networking",
-                          "--disable-component-update", "--disable-sync", "--window-size=1280,2000",
+                          "--disable-component-update", "--disable-sync", f"--window-size={width},2000",
                           f"--user-data-dir={profile}", "--virtual-time-budget=20000", "--dump-dom", url],
                          capture_output=True, text=True, timeout=90).stdout
     dom = re.sub(r"<script.*?</script>|<style.*?</style>", " ", dom, flags=re.S)
@@ -160,6 +168,37 @@ def test_the_ui_opens_the_experiment_on_its_training_runs(server, served, tmp_pa
     assert "Runs - Experiment" in text  # the page's title: the runs table, not the overview
     assert "Run Name" in text and "served" in text  # the table, with the sweep's parent run
     assert "Token Usage" not in text and "Tokens per Trace" not in text  # not the GenAI overview
+
+
+def test_the_link_the_sweep_prints_shows_its_trials_by_accuracy_with_their_dataset(server, served, tmp_path):
+    printed = (served.parent / "served.out").read_text()
+    link = re.search(r"\(trials by accuracy: (\S+)\)", printed.splitlines()[0]).group(1)
+    assert link.startswith(f"{server.url}/#/experiments/") and "viewStateShareKey=" in link
+    assert "MLflow UI for this store" not in printed  # a server serves its own UI
+    client = MlflowClient(server.url)
+    _, trials = sweep_runs(client, "served")
+    runs = sorted((runs[0] for runs in trials.values()),
+                  key=lambda r: -r.data.metrics["selected_test_acc"])
+    text = page_text(link, tmp_path / "profile", width=1600)
+    assert "served: trials by accuracy" in text  # the saved view applied
+    names = [r.info.run_name for r in runs]
+    header = text[text.index("Run Name"):min(text.index(name) for name in names)].split()
+    assert "Dataset" in header and set(KEY_METRICS) <= set(header), text  # the key columns
+    assert all(text.count(name) == 1 for name in names), (names, text)
+    if runs[0].data.metrics["selected_test_acc"] > runs[1].data.metrics["selected_test_acc"]:
+        assert text.index(names[0]) < text.index(names[1])  # best first
+    (entry,) = client.get_run(runs[0].info.run_id).inputs.dataset_inputs
+    assert f"{entry.dataset.name} ({entry.dataset.digest})" in text  # the Dataset column
+    for run in runs:  # each trial's accuracy in its row, as the table writes it
+        assert _shown(run.data.metrics["selected_test_acc"]) in text
+        # what the trial's process used, per epoch, for the run page's System metrics tab
+        rss = client.get_metric_history(run.info.run_id, "system/process_memory_rss_megabytes")
+        assert [m.step for m in rss] == [1, 2] and all(m.value > 10 for m in rss)
+
+
+def _shown(value: float) -> str:
+    """``value`` as the runs table writes it (JavaScript's shortest round-trip form)."""
+    return str(int(value)) if value == int(value) else repr(value)
 
 
 @pytest.mark.slow  # about 30 s on 2 cores: two 4-epoch trials, a server restart, --resume

@@ -538,6 +538,21 @@ class DataSplits:
     classes: list[str]
 
 
+def split_record(name: str, data: DataSplits) -> dict[str, Any]:
+    """What a trial trains and is tested on: the dataset's ``name``, the size of each split
+    (``train``, ``val``, ``test``), ``num_classes``, and a ``digest`` (16 hex digits) of the
+    images each split holds (their positions in the dataset's files and their labels), so two
+    trials with the same digest saw the same images whatever their seeds."""
+    splits: dict[str, ResizedImages] = {"train": data.train, "val": data.val, "test": data.test}
+    sha = hashlib.sha256(name.encode())
+    for split, images in splits.items():
+        sha.update(split.encode())
+        for array in (images.indices, images.labels):
+            sha.update(np.ascontiguousarray(array, dtype=np.int64).tobytes())
+    return {"name": name, **{k: len(v) for k, v in splits.items()},
+            "num_classes": data.num_classes, "digest": sha.hexdigest()[:16]}
+
+
 def build_data(name: str, data_root: str | None, input_size: int, *, train_subset: int | None = None,
                test_subset: int | None = None, val_fraction: float = 0.1, data_seed: int = 0,
                download: bool = False) -> DataSplits:

@@ -4,7 +4,8 @@
 method (``cfg.method``) call ``run_stage`` for each stage (and ``run_once`` for untrained steps
 such as scoring a mask), checkpoints atomically after every epoch and resumes from that
 checkpoint exactly (model, masks, prompt, optimizer, scheduler, RNG). Metrics go to
-``reporter(metrics)`` once per epoch; nothing is printed.
+``reporter(metrics)`` once per epoch, with the data it trains on under ``"dataset"``
+(:func:`vpns_core.data.split_record`); nothing is printed.
 
 Cost accounting (cumulative in every row): ``wall_time_s`` (training epochs plus untrained steps
 such as SNIP/GraSP/SynFlow scoring or LTH pruning; evaluation excluded), ``epoch``,
@@ -35,7 +36,7 @@ from .checkpoint import (CheckpointError, atomic_save, load_scaler_state, rng_st
 from .config import Config
 from .costs import cost_record
 from .data import (DataSplits, DeviceBatches, build_data, device_copy_bytes, hold_on_device, random_crop_flip,
-                   stratified_sample)
+                   split_record, stratified_sample)
 from .distributed import DataParallel, ShardedBatches, check_data_parallel, digest, sync_batchnorm
 from .errors import ConfigError
 from .label_mapping import LabelMap, frequency_label_mapping, greedy_mapping, label_counts
@@ -135,6 +136,8 @@ class Trial:
             cfg.dataset, cfg.data_root, cfg.input_size, train_subset=cfg.train_subset,
             test_subset=cfg.test_subset, val_fraction=cfg.val_fraction, data_seed=cfg.data_seed,
             download=cfg.download)
+        #: the dataset, its split sizes and a digest of its images (in every report and the final one)
+        self.dataset = split_record(cfg.dataset, self.data)
         if self.dp is not None and len(self.data.train) < cfg.batch_size:
             raise ConfigError(f"batch_size: {cfg.batch_size} is more than the {len(self.data.train)} "
                               f"training images; a trial on {self.dp.world} workers needs at least "
@@ -544,7 +547,7 @@ class Trial:
             if last:
                 self.completed.append(stage)
             self._save(stage, epoch + 1, opt, sched)
-            self.reporter(dict(metrics))
+            self.reporter({**metrics, "dataset": dict(self.dataset)})
         self._stage_step = None
         self._after_backward = None
         if epochs == 0:
@@ -861,6 +864,7 @@ class Trial:
         if writes:
             atomic_save(export, self.workdir / "model_export.pt")
         final = dict(self.history[-1]) if self.history else {}
+        final["dataset"] = dict(self.dataset)
         if self.best is not None:
             final.update({"selected_epoch": self.best["epoch"], "selected_val_acc": self.best["val_acc"],
                           "selected_test_acc": self.best["test_acc"],
