@@ -161,9 +161,9 @@ def test_optuna_on_listed_points_only_samples_each_point_once(tmp_path, tracking
     assert re.fullmatch(rf"\[{re.escape(name)}\] MLflow UI for this store: "
                         r"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false \S*mlflow ui --backend-store-uri "
                         rf"{re.escape(tracking)} --host 127\.0\.0\.1 --port 5000", second)
-    assert "--num-samples 5 > the 2 points of the space: running 2" in out
+    assert "--num-samples 5 > the 3 points of the space: running 3" in out
     trials = pq.read_table(sweep_dir(tmp_path) / "trials.parquet").to_pylist()
-    assert sorted(str(t["axis.pad"]) for t in trials) == ["4", "none"]  # tiny's pads, none twice
+    assert sorted(str(t["axis.pad"]) for t in trials) == ["4", "frozen", "none"]  # each point once
     sampler = ShuffledGridSampler({"pad": ["none", 4, 8, 12]}, seed=3)
     assert pickle.loads(pickle.dumps(sampler))._all_grids == sampler._all_grids  # Tune saves it
 

@@ -75,7 +75,7 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(server, ray_session, tmp_path_factory):
-    """The tiny pad sweep (no prompt and pad 4, seed 7) logged through the server; what it
+    """The tiny pad sweep (pad 4, the frozen pad and no prompt, seed 7) logged through the server; what it
     printed is in ``served.out`` next to its folder."""
     storage = tmp_path_factory.mktemp("sweeps")
     printed = io.StringIO()
@@ -114,7 +114,7 @@ def test_a_sweep_logs_runs_metrics_and_artifacts_through_the_server(server, serv
             "pad_size.png", "pad_size.csv"} <= names
 
     rows = {r["trial_id"]: r for r in pq.read_table(served / "trials.parquet").to_pylist()}
-    assert set(trials) == set(rows) and len(rows) == 2
+    assert set(trials) == set(rows) and len(rows) == 3  # pad 4, the frozen pad, no prompt
     for trial_id, (run,) in trials.items():  # exactly one run per trial
         row = rows[trial_id]
         assert run.info.run_id == row["mlflow_run_id"] and run.info.status == "FINISHED"
@@ -126,7 +126,7 @@ def test_a_sweep_logs_runs_metrics_and_artifacts_through_the_server(server, serv
         assert {"layer_stats.json", "layer_stats.csv", "final.json"} <= files
         assert ("prompt.png" in files) == (run.data.params["prompt"] != "none")
     stored = list((server.folder / "artifacts").rglob("layer_stats.json"))
-    assert len(stored) == 2  # the files went through the server into its artifact folder
+    assert len(stored) == 3  # the files went through the server into its artifact folder
 
 
 def test_the_analysis_and_the_report_read_the_runs_back_from_the_server(server, served, tmp_path, capsys):
@@ -201,7 +201,7 @@ def _shown(value: float) -> str:
     return str(int(value)) if value == int(value) else repr(value)
 
 
-@pytest.mark.slow  # about 30 s on 2 cores: two 4-epoch trials, a server restart, --resume
+@pytest.mark.slow  # about 40 s on 2 cores: three 4-epoch trials, a server restart, --resume
 def test_a_server_killed_mid_sweep_loses_nothing_and_resume_backfills(server, ray_session, tmp_path, capsys):
     storage = tmp_path / "sweeps"
     argv = ["--preset", "tiny", "--seeds", "7", "--tracking-uri", server.url,
@@ -234,15 +234,15 @@ def test_a_server_killed_mid_sweep_loses_nothing_and_resume_backfills(server, ra
     # each call to the dead server fails in seconds (MLflow's defaults retry for minutes)
     assert elapsed < 90, f"the sweep took {elapsed:.0f} s after its server died"
     # the first trial's later epochs, the second trial entirely, the parent run's files
-    assert ("[killed] MLflow is incomplete: 2 of 2 trial runs and the parent run's results could "
+    assert ("[killed] MLflow is incomplete: 3 of 3 trial runs and the parent run's results could "
             f"not be logged to {server.url} (server unreachable: connection refused)") in out.out
     resume = f"python sweeps/ablation_pad.py --resume killed --storage-path {storage}"
     assert f"back-fill with:  {resume}" in out.out
     folder = storage / "killed"
     rows = pq.read_table(folder / "trials.parquet").to_pylist()
-    assert len(rows) == 2 and all(r["finished"] for r in rows)  # every result kept
+    assert len(rows) == 3 and all(r["finished"] for r in rows)  # every result kept
     epochs = pq.read_table(folder / "epochs.parquet").to_pylist()
-    assert sorted(e["epoch"] for e in epochs) == [1, 1, 2, 2, 3, 3, 4, 4]
+    assert sorted(e["epoch"] for e in epochs) == [1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4]
 
     server.start()  # same port, same database
     assert ablation_pad.main([*argv, "--resume", "killed"]) == 0
