@@ -1,25 +1,33 @@
 """Pruning methods, read from the registry so that a newly registered method joins every sweep."""
 from __future__ import annotations
 
-from vpns_core.methods import METHODS
-
 from search_spaces import base as _base
+
+
+def _registry():
+    """The method registry, imported when a space is read (it imports torch, which a sweep's
+    refusal of its flags should not wait for)."""
+    from vpns_core.methods import METHODS
+    return METHODS
 
 
 def pruning_methods() -> list[str]:
     """Every registered method that removes weights (``dense`` is the reference line; channel
     methods have their own sweep, :func:`channel_methods`)."""
-    return [name for name in METHODS.names()
-            if METHODS.get(name).prunes and not METHODS.get(name).structured]
+    methods = _registry()
+    return [name for name in methods.names()
+            if methods.get(name).prunes and not methods.get(name).structured]
 
 
 def channel_methods() -> list[str]:
     """Every registered method that removes whole channels (``sweeps/structured.py``)."""
-    return [name for name in METHODS.names() if METHODS.get(name).structured]
+    methods = _registry()
+    return [name for name in methods.names() if methods.get(name).structured]
 
 
 def reference_methods() -> list[str]:
-    return [name for name in METHODS.names() if not METHODS.get(name).prunes]
+    methods = _registry()
+    return [name for name in methods.names() if not methods.get(name).prunes]
 
 
 def base(preset: str) -> dict:

@@ -14,7 +14,7 @@ from typing import Any
 
 import search_spaces
 from sweeps.preflight import UsageError
-from vpns_core.checkpoint import CheckpointError
+from vpns_core.files import CheckpointError
 from vpns_core.config import Config, ConfigError
 from vpns_core.registry import UnknownNameError
 

@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import sqlite3
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -59,6 +60,11 @@ def check_flags(args: argparse.Namespace) -> None:
                          f"each worker takes a whole GPU or none; use 0 or 1")
     for seed in args.seeds or ():
         at_least("--seeds", seed, 0)
+    twice = sorted({seed for seed in args.seeds or () if args.seeds.count(seed) > 1})
+    if twice:
+        raise UsageError(f"--seeds {' '.join(map(str, args.seeds))}: seed {twice[0]} is given twice; "
+                         f"a seed is one trial per point, so the same trial would run twice and its "
+                         f"spread read as seed noise; give each seed once")
     if args.metric.startswith(("test", "selected_test")):
         raise UsageError(f"--metric {args.metric}: select on validation or training metrics, never on test")
 
@@ -97,14 +103,16 @@ def check_local_resources(args: argparse.Namespace) -> None:
     ever ("no node can fulfil this request"). A Ray session this process already joined (a
     cluster of several nodes, as in tests/test_multinode.py) is what the sweep runs on: its
     resources count, GPUs a node declares included."""
-    import ray
-    if ray.is_initialized():
+    ray = sys.modules.get("ray")  # joined only if imported: no import of Ray for a refusal
+    if ray is not None and ray.is_initialized():
         check_cluster_resources(args, ray.cluster_resources())
         return
     if args.address:
         return  # a cluster's resources are checked once joined (check_cluster_resources)
-    import torch
-    cpus, gpus = os.cpu_count() or 1, torch.cuda.device_count()
+    cpus, gpus = os.cpu_count() or 1, 0
+    if args.gpus_per_trial > 0:  # torch takes seconds to import: only when GPUs are asked for
+        import torch
+        gpus = torch.cuda.device_count()
     workers = getattr(args, "workers_per_trial", 1)
     if workers > 1:
         for flag, value, have, what in (("--cpus-per-trial", args.cpus_per_trial, cpus, "CPUs"),
@@ -221,12 +229,25 @@ def read_sweep_json(path: Path) -> dict:
     return saved
 
 
-def check_set_against_points(overrides: dict, points: dict[str, dict[str, dict]]) -> None:
-    """A ``--set FIELD`` that the sweep's named points also set would be silently overridden."""
-    for axis, table in points.items():
-        fields = {k for point in table.values() for k in point}
+def check_set_against_space(overrides: dict, space: dict) -> None:
+    """A ``--set FIELD`` of a field the sweep's own space varies, whatever form its axis takes
+    (a list of values, named points that set it, a sampled Tune domain), would replace that axis
+    and run another experiment than the script's; ``--set seed`` would replace ``--seeds``."""
+    if "seed" in overrides:
+        raise UsageError("--set seed: the seeds of a sweep are given with --seeds (e.g. --seeds 7 9); "
+                         "drop --set seed")
+    for axis, values in space.items():
+        if isinstance(values, dict):  # named points: {label: {field: value}}
+            fields = {k for point in values.values() for k in point}
+            shown = f"in its points ({', '.join(map(str, values))})"
+        else:
+            fields = {axis}
+            shown = (f"over {', '.join(map(str, values))}" if isinstance(values, (list, tuple))
+                     else "by sampling it")
         clash = sorted(set(overrides) & fields)
         if clash:
-            raise UsageError(f"--set {clash[0]}: the sweep's axis '{axis}' sets {clash[0]} in its "
-                             f"points ({', '.join(map(str, table))}), which would override it; "
-                             f"drop --set {clash[0]}")
+            field = clash[0]
+            what = "" if field == axis else f" (axis '{axis}')"
+            raise UsageError(f"--set {field}: this sweep varies {field}{what} {shown}; a --set would "
+                             f"replace that axis and run another experiment; drop --set {field} "
+                             f"(or run a single trial: python -m vpns_core)")

@@ -171,11 +171,13 @@ def best_record(phase: Phase) -> dict[str, Any] | None:
                 lambda r: r["final"].get("selected_epoch"), lambda r: r["trial_id"])
 
 
-def _cell_text(row: dict[str, Any], metric: str) -> str:
+def _cell_text(row: dict[str, Any], metric: str, unit: str = "seed") -> str:
+    """``mean ± std``; one value (one ``unit``: a seed of a grid, a trial of a search) has no
+    spread: ``mean (1 seed)``, never ``± nan``."""
     if metric not in row:
         return "-"
     std = row[metric + "_std"]
-    return f"{row[metric]:.3f} (1 trial)" if math.isnan(std) else f"{row[metric]:.3f} ± {std:.3f}"
+    return f"{row[metric]:.3f} (1 {unit})" if math.isnan(std) else f"{row[metric]:.3f} ± {std:.3f}"
 
 
 def _text(value: Any) -> str:
@@ -196,8 +198,9 @@ def print_results(sweep: Sweep, rows: list[dict[str, Any]]) -> None:
             continue
         keys = [k for k in phase.axes if k != "seed"]
         metrics = [m for m in TABLE_METRICS if any(m in r for r in body)]
+        unit = "seed" if sweep.args.search == "grid" else "trial"
         lines = [[str(r.get(k)) for k in keys + ["done", "stopped", "failed"]]
-                 + [_cell_text(r, m) for m in metrics]
+                 + [_cell_text(r, m, unit) for m in metrics]
                  for r in body]
         pooled = "seeds" if sweep.args.search == "grid" else "the point's trials (sampled learning rates pooled)"
         print_table(f"{sweep.script} [{sweep.preset}] phase '{phase.name}' ({len(phase.records)} trials; "

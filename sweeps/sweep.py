@@ -31,29 +31,28 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import ray
-from ray import tune
-
-from search_spaces import base as base_presets, learning_rates
+from search_spaces import base as base_presets
 from search_spaces.points import (check_points, driver_config, listed_axes, longest_first,
                                   named_points, point_configs)
 from sweeps import lock
 from sweeps.code_version import git_commit
-from sweeps.data_parallel import PlacementGroupReaper, Scaling
 from sweeps.flags import DEFINING, RESULTS, USER_ERRORS, build_parser, parse_overrides, runtime_fields
 from sweeps.preflight import (UsageError, check_address, check_cluster_resources, check_flags,
-                              check_folder, check_local_resources, check_set_against_points,
+                              check_folder, check_local_resources, check_set_against_space,
                               check_tracking_uri, read_sweep_json)
 from sweeps.resources import check_resources, prepare_resources
-from sweeps.results import Phase, collect, export_parquet, print_results, result_table
-from sweeps.schedulers import PhaseSearch, tune_axis, tune_config
-from sweeps.tracking import STOPPED, MLflowTracker, failure_reason, open_mlflow, ui_command, ui_link
-from sweeps.trainable import trainable
-from vpns_core.checkpoint import atomic_write
-from vpns_core.distributed import check_data_parallel
+from vpns_core.config import Config, check_label_mapping_samples
 from vpns_core.errors import ConfigError
+from vpns_core.files import atomic_write
+
+# Ray, Tune, MLflow and torch are imported where a sweep runs, not here: a user's mistake that
+# the flags show is refused before any of them loads (they take seconds to import).
+if TYPE_CHECKING:  # pragma: no cover
+    from sweeps.data_parallel import Scaling
+    from sweeps.results import Phase
+    from sweeps.schedulers import PhaseSearch
 
 
 #: exit status of a sweep whose trials all ran but whose MLflow runs are incomplete (the tracking
@@ -135,7 +134,7 @@ class Sweep:
         flags (e.g. a reference phase of an Optuna sweep); a :class:`PhaseSearch`, its own
         searcher over its own (define-by-run) space with FIFO (``space`` must be empty)."""
         args = self.args
-        custom = search if isinstance(search, PhaseSearch) else None
+        custom = search if search is not None and not isinstance(search, str) else None  # a PhaseSearch
         kind = "custom" if custom else (search or args.search)
         if custom and space:
             raise ValueError(f"phase '{name}': a PhaseSearch defines the space; got axes {list(space)}")
@@ -144,16 +143,18 @@ class Sweep:
                                          "scheduler": "fifo",
                                          "num_samples": args.num_samples if custom else None})
         overrides = parse_overrides(args.set)
-        check_set_against_points(overrides, named_points(space))
+        check_set_against_space(overrides, space)
         fixed = {**base, **runtime_fields(args, base.get("num_workers", 0)), **overrides}
         if args.data_root:
             fixed["data_root"] = str(Path(args.data_root).resolve())
         fixed["tags"] = {**fixed.get("tags", {}), "sweep": self.name, "preset": self.preset}
         axes = dict(space)
         if kind == "optuna":
+            from search_spaces import learning_rates
             axes.update({k: v for k, v in learning_rates.space(self.preset).items() if k not in axes})
-        axes = {k: v for k, v in axes.items() if k not in overrides}  # --set FIELD fixes an axis
-        if seed_axis and "seed" not in overrides:
+        # --set fixes a learning rate Optuna would search (the space's own axes are refused above)
+        axes = {k: v for k, v in axes.items() if k not in overrides}
+        if seed_axis:
             if kind == "grid":
                 axes["seed"] = self.seeds
             else:
@@ -163,12 +164,17 @@ class Sweep:
         if custom:
             custom.check_overrides(overrides)
         points = named_points(axes)
+        if "label_mapping_samples" in overrides:  # given on purpose: no more than the split has
+            for values in point_configs(fixed, axes, points):
+                check_label_mapping_samples(values["label_mapping_samples"],
+                                            values.get("train_subset", Config.train_subset))
         check_points(fixed, axes)
         configs = point_configs(fixed, axes, points)
         if custom:  # its space's corners, e.g. every method at both ends of its range
             configs = [{**c, **corner} for c in configs for corner in custom.configs()]
             for values in configs:
                 driver_config(values)
+        from sweeps.results import Phase
         if self.dry_run:
             check_resources(configs, download=args.download)
             check_workers(args.workers_per_trial, configs)
@@ -181,6 +187,14 @@ class Sweep:
             phase = Phase(name, listed_axes(axes), [], complete=True, checked_only=True)
             self.phases.append(phase)
             return phase
+        import ray
+        from ray import tune
+
+        from sweeps.data_parallel import PlacementGroupReaper, Scaling
+        from sweeps.results import collect
+        from sweeps.schedulers import tune_axis, tune_config
+        from sweeps.tracking import MLflowTracker
+        from sweeps.trainable import trainable
         path = self.dir / name
         if self.lost is not None and not tune.Tuner.can_restore(str(path)):
             raise self.lost  # the phase never started
@@ -255,6 +269,7 @@ class Sweep:
 def check_workers(workers: int, configs: list[dict[str, Any]]) -> None:
     """Every trial of a phase can run on ``workers`` data-parallel workers (its method, its
     batch size), before anything starts."""
+    from vpns_core.distributed import check_data_parallel
     for values in configs:
         try:
             check_data_parallel(driver_config(values), workers)
@@ -268,6 +283,7 @@ def concurrent_trials(scaling: Scaling) -> int | None:
     leave their Train runs waiting for workers.) None for one-worker trials: Tune's own limit."""
     if scaling.workers == 1:
         return None
+    import ray
     have = ray.cluster_resources()
     fits = [int(have.get(key, 0.0) // (scaling.workers * need))
             for key, need in (("CPU", scaling.cpus), ("GPU", scaling.gpus)) if need > 0]
@@ -327,6 +343,8 @@ def run_sweep(script: str, plan: Callable[[Sweep], None], argv: list[str] | None
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    import ray
+
     sweep = _create_sweep(script, args, name, resuming)
     sweep.default_samples = num_samples
     started = time.time()
@@ -343,6 +361,9 @@ def _drive(sweep: Sweep, plan: Callable[[Sweep], None], started: float, own_ray:
     """Start (or join) Ray unless ``own_ray`` is False, open the MLflow parent run, run ``plan``
     and :func:`_finish`; returns the exit status. With ``lost`` (the driver's Ray died), Ray is
     not started: each phase reads what Tune saved and the sweep ends as :data:`RAY_LOST`."""
+    import ray
+
+    from sweeps.tracking import open_mlflow, ui_command, ui_link
     args = sweep.args
     ran = False
     try:
@@ -555,6 +576,7 @@ def _finish(sweep: Sweep, elapsed: float, stop: SweepInterrupted | None = None) 
     last line says so and how to resume), :data:`UNLOGGED` if MLflow lacks some of it, 1 if a
     trial failed."""
     import analysis
+    from sweeps.results import export_parquet, print_results, result_table
 
     trials_path, epochs_path = export_parquet(sweep, sweep.run_ids)
     rows = [row for phase in sweep.phases for row in result_table(phase)]
@@ -601,6 +623,8 @@ def _log_parent(sweep: Sweep, paths: list[Path], failed: int, elapsed: float, co
     """The sweep's files and totals on its parent run (KILLED with ``reason`` if it stopped
     early); the reason if MLflow refused them."""
     from mlflow.tracking import MlflowClient
+
+    from sweeps.tracking import STOPPED, failure_reason
     client = MlflowClient(sweep.args.tracking_uri)
     try:
         for path in paths:

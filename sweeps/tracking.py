@@ -29,6 +29,7 @@ from search_spaces.points import driver_config, resolve
 from sweeps.code_version import git_commit
 from sweeps.trainable import FINAL, PLACEMENT
 from vpns_core.config import Config
+from vpns_core.export import PROGRAM, UNPROMPTED_PROGRAM
 
 if TYPE_CHECKING:
     from sweeps.sweep import Sweep
@@ -393,8 +394,9 @@ class MLflowTracker(tune.Callback):
             if (folder / name).is_file():
                 self.client.log_artifact(run_id, str(folder / name))
         if self.log_model:
-            for name in ("model_export.pt", "masks.pt"):
-                self.client.log_artifact(run_id, str(folder / name), "model")
+            for name in ("model_export.pt", "masks.pt", PROGRAM, UNPROMPTED_PROGRAM):
+                if (folder / name).is_file():  # (no unprompted program without a prompt)
+                    self.client.log_artifact(run_id, str(folder / name), "model")
         self.client.set_tag(run_id, "artifacts", "logged")
         return True
 

@@ -195,13 +195,17 @@ def _link(src: Path, dst: Path) -> None:
 
 
 def write_artifacts(cfg: Config, workdir: Path, out: Path, final: dict[str, Any]) -> None:
-    """Copy masks, layer stats (JSON and CSV) and the export; draw the prompt; write final.json."""
+    """Copy masks, layer stats (JSON and CSV), the export and its programs; draw the prompt;
+    write final.json."""
     from PIL import Image
 
+    from vpns_core.export import PROGRAM, UNPROMPTED_PROGRAM
     from vpns_core.prompts import build_prompt
 
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("masks.pt", "layer_stats.json", "model_export.pt"):
+    for name in ("masks.pt", "layer_stats.json", "model_export.pt", PROGRAM, UNPROMPTED_PROGRAM):
+        if name == UNPROMPTED_PROGRAM and not (workdir / name).is_file():
+            continue  # a trial without a prompt has one program
         _link(workdir / name, out / name)
     stats = json.loads((workdir / "layer_stats.json").read_text())
     with open(out / "layer_stats.csv", "w", newline="") as handle:

@@ -1,10 +1,13 @@
 """The front door: a user's mistake gets one line on stderr naming the flag or field, exit status
 2, within a few seconds, before Ray starts, and leaves nothing behind. Each case runs the sweep
 script's ``main`` as a user would call it (tiny preset)."""
+import json
+import os
 import multiprocessing
 import sqlite3
 import time
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,7 +53,14 @@ def _cases(tmp):
         (["--storage-path", str(tmp / "runs"), "--resume", "old"], "--resume: " + str(tmp / "runs" / "old" / "sweep.json") + " is unreadable"),
         (["--resume", "nosuch"], "--resume nosuch: "),
         (["--name", "../escape"], "a sweep name is one folder name"),
-        (["--set", "pad_size=-4"], "--set pad_size: the sweep's axis 'pad' sets pad_size"),
+        (["--set", "pad_size=-4"], "--set pad_size: this sweep varies pad_size (axis 'pad') in its points"),
+        (["--set", "prompt=pad"], "--set prompt: this sweep varies prompt (axis 'pad') in its points"),
+        (["--set", "seed=3"], "--set seed: the seeds of a sweep are given with --seeds"),
+        (["--seeds", "1", "1"], "--seeds 1 1: seed 1 is given twice"),
+        (["--seeds", "7", "9", "7"], "--seeds 7 9 7: seed 7 is given twice"),
+        (["--set", "batch_size=100000"], "batch_size: larger than the 128 training images (train_subset)"),
+        (["--set", "batch_size=100", "--set", "train_subset=64"], "batch_size: larger than the 64 training images"),
+        (["--set", "label_mapping_samples=100000"], "label_mapping_samples: more than the 128 training images"),
         (["--set", "sparsity=1.5"], "sparsity: must be in [0, 1)"),
         (["--set", "method=hdyra"], "method: "),
         (["--set", "nosuchfield=1"], "--set nosuchfield=1: expected FIELD=VALUE"),
@@ -159,3 +169,134 @@ def test_cli_refuses_bad_files_in_one_line(tmp_path, capsys):
     assert cli.main([*args, "--out", str(other), "--sparsity", "0.5"]) == 2
     err = capsys.readouterr().err.strip()
     assert "different config" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("script, extra, expected", [
+    ("sparsity_curves", ["--set", "sparsity=0.5"], "--set sparsity: this sweep varies sparsity over 0.8"),  # a list axis
+    ("sparsity_curves", ["--set", "method=omp"], "--set method: this sweep varies method over vpns, hydra, omp"),
+    ("learning_rates", ["--set", "tune_lr=0.01"], "--set tune_lr: this sweep varies tune_lr by sampling it"),  # a Tune domain
+    ("ablation_pad", ["--set", "prompt=none"], "--set prompt: this sweep varies prompt (axis 'pad')"),  # named points
+])
+def test_a_set_of_a_field_the_sweep_varies_is_refused_whatever_its_axis(script, extra, expected, sandbox, capsys):
+    import importlib
+
+    import ray
+    module = importlib.import_module(f"sweeps.{script}")
+    argv = ["--preset", "tiny", "--storage-path", str(sandbox / "s"), "--tracking-uri",
+            f"sqlite:///{sandbox / 'm.db'}", *extra]
+    assert module.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {expected}") and "\n" not in err, err
+    assert not (sandbox / "s").exists() and not (sandbox / "m.db").exists()
+    assert not ray.is_initialized()
+
+
+def test_a_set_of_a_learning_rate_optuna_would_search_still_fixes_it(sandbox):
+    """The learning rates Optuna adds to a space that does not vary them may be fixed by --set
+    (README: a space of listed points only, with both rates fixed, is drawn without replacement)."""
+    from sweeps.flags import build_parser
+    from sweeps.sweep import _preflight
+    args = build_parser("ablation_pad", None, "grid", "fifo", 8).parse_args(
+        ["--preset", "tiny", "--storage-path", str(sandbox / "s"), "--tracking-uri", f"sqlite:///{sandbox / 'm.db'}",
+         "--search", "optuna", "--set", "mask_lr=0.05", "--set", "tune_lr=0.05"])
+    args.own_flags = []
+    name, resuming = _preflight("ablation_pad", args, ablation_pad.plan, 8)
+    assert name.startswith("ablation_pad-tiny-") and not resuming
+    assert not (sandbox / "s").exists()
+
+
+def test_cli_refuses_paths_and_sizes_in_its_own_words(tmp_path, capsys):
+    from conftest import TINY
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items() if not isinstance(v, bool)] + ["--no-pretrained"]
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    (tmp_path / "trial").mkdir()
+    (tmp_path / "trial" / "masks.pt").write_bytes(b"PK\x03\x04")
+    (tmp_path / "empty").mkdir()
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    torch.save({"state_dict": Evil()}, tmp_path / "evil.pt")
+    cases = [
+        (["--out", str(tmp_path / "afile")], f"--out {tmp_path / 'afile'}: is a file, not a folder"),
+        (["--out", str(tmp_path / "afile" / "below")], f"is a file, not a folder ({tmp_path / 'afile'} is a file)"),
+        (["--mask-file", str(tmp_path / "trial")], f"mask_file: {tmp_path / 'trial'} is a folder, not a file; "
+                                                   f"did you mean {tmp_path / 'trial' / 'masks.pt'}?"),
+        (["--mask-file", str(tmp_path / "empty")], "is a folder, not a file; give the masks.pt of a trial"),
+        (["--source-checkpoint", str(tmp_path / "notes.txt")],
+         f"source_checkpoint: cannot read {tmp_path / 'notes.txt'}: not a torch checkpoint"),
+        (["--source-checkpoint", str(tmp_path / "evil.pt")], "source_checkpoint: cannot read"),
+        (["--batch-size", "100000"], "batch_size: larger than the 128 training images (train_subset)"),
+        (["--label-mapping-samples", "100000"], "label_mapping_samples: more than the 128 training images"),
+        (["--label-mapping=129"], "label_mapping_samples: more than the 128 training images"),  # an abbreviation
+    ]
+    for extra, expected in cases:
+        assert cli.main([*args, "--out", str(tmp_path / "o"), *extra]) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and expected in err and "\n" not in err, (extra, err)
+        assert "weights_only=False" not in err and "Traceback" not in err
+    assert "holds pickled Python objects" in (cli.main([*args, "--source-checkpoint", str(tmp_path / "evil.pt")]),
+                                               capsys.readouterr().err)[1]
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_label_mapping_default_means_at_most_and_an_explicit_excess_is_refused():
+    from conftest import tiny
+    from vpns_core.config import check_label_mapping_samples
+    from vpns_core.errors import ConfigError
+    assert tiny(train_subset=64, label_mapping_samples=1000).label_mapping_samples == 1000  # default: all 64
+    check_label_mapping_samples(64, 64)
+    check_label_mapping_samples(None, 64)
+    check_label_mapping_samples(10**6, None)  # the whole dataset: its size is known only once loaded
+    with pytest.raises(ConfigError, match="^label_mapping_samples: more than the 64 training images"):
+        check_label_mapping_samples(65, 64)
+
+
+USER = """
+import json, runpy, sys, time
+sys.argv = {argv!r}
+started = time.perf_counter()
+try:
+    runpy.run_{kind}({target!r}, run_name="__main__")
+    status = 0
+except SystemExit as stop:
+    status = stop.code
+print(json.dumps({{"status": status, "s": time.perf_counter() - started,
+                  "loaded": [m for m in ("torch", "ray", "mlflow") if m in sys.modules]}}))
+"""
+
+
+def test_refusals_answer_before_ray_and_torch_are_imported(tmp_path):
+    """Each refusal as a user meets it, in a fresh interpreter, answers before torch, Ray or
+    MLflow is imported (seconds of imports on 2 cores: a refusal took 7-16 s under load)."""
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    sweep = ["--preset", "tiny", "--storage-path", str(tmp_path / "s"), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]
+    trial = ["--model", "tiny_resnet", "--no-pretrained", "--train-subset", "128", "--out", str(tmp_path / "o")]
+    cases = [("path", "sweeps/ablation_pad.py", [*sweep, "--seeds", "1", "1"]),
+             ("path", "sweeps/ablation_pad.py", [*sweep, "--set", "batch_size=100000"]),
+             ("path", "sweeps/ablation_pad.py", [*sweep, "--set", "label_mapping_samples=100000"]),
+             ("path", "sweeps/ablation_pad.py", [*sweep, "--set", "pad_size=3"]),
+             ("path", "sweeps/sparsity_curves.py", [*sweep, "--set", "sparsity=0.5"]),
+             ("module", "vpns_core", [*trial, "--out", str(tmp_path / "notes.txt")]),
+             ("module", "vpns_core", [*trial, "--mask-file", str(tmp_path)]),
+             ("module", "vpns_core", [*trial, "--source-checkpoint", str(tmp_path / "notes.txt")]),
+             ("module", "vpns_core", [*trial, "--batch-size", "100000"]),
+             ("module", "vpns_core", [*trial, "--label-mapping-samples", "100000"])]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    seen = []
+    for kind, target, argv in cases:
+        code = USER.format(argv=[target, *argv], kind=kind, target=str(root / target) if kind == "path" else target)
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+        took = time.perf_counter() - started
+        report = json.loads(done.stdout.strip().splitlines()[-1])
+        seen.append((target, argv[-1], report["loaded"], round(took, 2)))
+        assert report["status"] == 2 and done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, (argv, done.stderr)
+        assert report["loaded"] == [], (argv, report["loaded"])
+        assert took < BOUND_S, (argv, took)
+    assert not (tmp_path / "s").exists() and not (tmp_path / "o").exists()
+    print(seen)

@@ -227,6 +227,15 @@ def test_pick_hands_back_the_most_accurate_model_that_fits(swept, tmp_path, caps
         assert int(nonzero) == pytest.approx(best["params_m"] * 1e6, rel=1e-3)
     else:  # the smaller network itself
         assert int(numel) == round(best["params_m"] * 1e6)
+    # its program beside it: loads with torch alone (vpns blocked) and gives target-class logits
+    program, export = out.with_name("model_program.pt2"), torch.load(out, weights_only=True)
+    assert program.is_file() and f"copied its program to {program}" in text
+    size = export["input_size"]
+    code = ("import sys; sys.modules['vpns_core'] = None\nimport torch\n"
+            f"m = torch.export.load({str(program)!r}).module()\n"
+            f"print(tuple(m(torch.rand(3, 3, {size}, {size})).shape))\n")
+    done = subprocess.run([sys.executable, "-I", "-c", code], check=True, capture_output=True, text=True)
+    assert done.stdout.strip() == f"(3, {export['num_classes']})"
     # nothing fits: says so, names the closest trial (the smallest), copies nothing
     smallest = min(rows, key=lambda r: r["params_m"])
     assert pick_cli.main(["--sweep", "front", "--storage-path", str(root / "sweeps"),

@@ -1,42 +1,17 @@
 """Atomic checkpoints with full RNG state, loadable with ``torch.load(weights_only=True)``."""
 from __future__ import annotations
 
-import glob
 import os
+import pickle
 import random
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import torch
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, truncated or not a vpns checkpoint."""
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
-    """Call ``write(handle)`` on a temporary file beside ``path``, fsync it and rename it into
-    place, so a reader never sees a half-written file (a kill mid-write leaves the old one, or
-    none; its temporary file is removed by the next successful write of the same path).
-    Returns ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # left by a killed writer
-        stale.unlink(missing_ok=True)
-    return path
+# CheckpointError and atomic_write live in .files (no torch there); imported from here too
+from .files import CheckpointError, atomic_write, torch_file_problem  # noqa: F401
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -52,7 +27,19 @@ def safe_load(path: str | os.PathLike, map_location: str | torch.device = "cpu")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # truncated zip, pickle refused by weights_only, ...
-        raise CheckpointError(f"checkpoint: cannot read {path}: {err}") from err
+        raise _cannot_read("checkpoint", path, err) from err
+
+
+def _cannot_read(field: str, path: Path, err: Exception) -> CheckpointError:
+    """The error for a file ``torch.load(weights_only=True)`` refused, in our words (torch's own
+    message for pickled objects advises ``weights_only=False``, which vpns never does)."""
+    if isinstance(err, pickle.UnpicklingError):
+        return CheckpointError(f"{field}: cannot read {path}: it holds pickled Python objects besides "
+                               f"tensors and plain containers, and vpns never unpickles those (loading "
+                               f"them could run code from the file); save tensors, dicts and lists only")
+    first = str(err).splitlines()[0] if str(err) else ""
+    return CheckpointError(f"{field}: cannot read {path}: a damaged or incomplete torch file "
+                           f"({type(err).__name__}: {first})")
 
 
 def check_readable(path: str | os.PathLike, field: str = "checkpoint") -> None:
@@ -63,6 +50,9 @@ def check_readable(path: str | os.PathLike, field: str = "checkpoint") -> None:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{field}: file not found: {path}")
+    problem = torch_file_problem(path)
+    if problem:
+        raise CheckpointError(f"{field}: cannot read {path}: {problem}")
     try:
         try:
             torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -71,8 +61,7 @@ def check_readable(path: str | os.PathLike, field: str = "checkpoint") -> None:
                 raise
             torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - every failure means "not loadable"
-        raise CheckpointError(f"{field}: cannot read {path} with torch.load(weights_only=True): "
-                              f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+        raise _cannot_read(field, path, err) from err
 
 
 def rng_state(device: torch.device | str = "cpu") -> dict[str, Any]:

@@ -14,8 +14,8 @@ import types
 import typing
 from pathlib import Path
 
-from .checkpoint import CheckpointError
-from .config import Config, ConfigError
+from .config import Config, ConfigError, check_label_mapping_samples
+from .files import CheckpointError, check_file_path, torch_file_problem
 from .resources import check_resources
 
 
@@ -66,6 +66,37 @@ def config_from_args(ns: argparse.Namespace) -> Config:
     return Config(**values)
 
 
+def given_flags(argv: list[str] | None) -> set[str]:
+    """The destinations of the flags ``argv`` names (not those left at their defaults)."""
+    probe = build_parser()
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(probe.parse_args(argv)))
+
+
+def check_paths(ns: argparse.Namespace) -> None:
+    """The paths on the command line, before torch is imported: ``--out`` a folder (or one that
+    can be made), ``--mask-file`` and ``--source-checkpoint`` files that may be torch files.
+    Raises ValueError (``--out``), ConfigError or CheckpointError naming the flag or field."""
+    out = Path(ns.out)
+    for folder in (out, *out.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                where = "" if folder == out else f" ({folder} is a file)"
+                raise ValueError(f"--out {ns.out}: is a file, not a folder{where}; the trial writes "
+                                 f"its folder there (checkpoint.pt, masks.pt, model_export.pt): "
+                                 f"give a folder")
+            break
+    for field in ("mask_file", "source_checkpoint"):
+        path = getattr(ns, field)
+        if path is None:
+            continue
+        check_file_path(field, path)
+        problem = torch_file_problem(path)
+        if problem:
+            raise CheckpointError(f"{field}: cannot read {path}: {problem}")
+
+
 class progress_bar:
     """A progress bar per training epoch (batches, images/s, time left) on ``stream``; None when
     ``stream`` is not a terminal (a log file, a pipe, a Tune trial), so nothing is printed there."""
@@ -101,7 +132,10 @@ class progress_bar:
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
-        cfg = config_from_args(ns)
+        check_paths(ns)
+        if "label_mapping_samples" in given_flags(argv):  # asked for: no more than the split has
+            check_label_mapping_samples(ns.label_mapping_samples, ns.train_subset)
+        cfg = config_from_args(ns)  # plain values first; the registries' checks import torch
         check_resources(cfg)
     except (ConfigError, FileNotFoundError, ValueError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)

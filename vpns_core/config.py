@@ -228,12 +228,6 @@ class Config:
     # --- validation -------------------------------------------------------------------------
 
     def _validate(self) -> None:
-        from .data import DATASETS
-        from .methods import METHODS, POST_PROMPTS
-        from .models import is_model_name
-        from .prompts import PROMPTS
-        from .masking import ALLOCATIONS
-
         def fail(name: str, message: str) -> None:
             raise ConfigError(f"{name}: {message} (got {getattr(self, name)!r})")
 
@@ -273,6 +267,9 @@ class Config:
                      "learn_prompt", "matched_updates", *optional):
             if not isinstance(getattr(self, name), bool) and not (name in optional and getattr(self, name) is None):
                 fail(name, "must be True or False" + (" or None" if name in optional else ""))
+        if self.train_subset is not None and self.batch_size > self.train_subset:
+            fail("batch_size", f"larger than the {self.train_subset} training images (train_subset): "
+                               f"every epoch would be one short step; use at most {self.train_subset}")
         if not (isinstance(self.sparsity, (int, float)) and 0.0 <= self.sparsity < 1.0):
             fail("sparsity", "must be in [0, 1)")
         if not (isinstance(self.lth_rate, (int, float)) and 0.0 < self.lth_rate < 1.0):
@@ -283,6 +280,12 @@ class Config:
             fail("density_floor", "must be in [0, 1)")
         if self.bn_momentum is not None and not 0.0 < self.bn_momentum <= 1.0:
             fail("bn_momentum", "must be in (0, 1] or None")
+        # the registries import torch: the checks of plain values above answer without it
+        from .data import DATASETS
+        from .methods import METHODS, POST_PROMPTS
+        from .models import is_model_name
+        from .prompts import PROMPTS
+        from .masking import ALLOCATIONS
         choice("vp_stages", VP_STAGES)
         choice("schedule", SCHEDULES)
         choice("head", HEADS)
@@ -328,3 +331,16 @@ class Config:
         weights on this machine)."""
         from .resources import check_resources
         check_resources(self)
+
+
+def check_label_mapping_samples(label_mapping_samples: int | None, train_subset: int | None) -> None:
+    """Raise :class:`ConfigError` if ``label_mapping_samples``, as a user gave it, asks for more
+    images than the training split has (``train_subset``). The field's default (1000) means "at
+    most 1000", so a smaller split maps from all its images; a value given on purpose larger than
+    the split is a mistake, and a front door that received it (the CLI's flag, a sweep's
+    ``--set``) calls this. Plain values: no torch is imported."""
+    n, have = label_mapping_samples, train_subset
+    if isinstance(n, int) and isinstance(have, int) and n > have:
+        raise ConfigError(f"label_mapping_samples: more than the {have} training images "
+                          f"(train_subset) the label mapping can draw from; use at most {have}, "
+                          f"or none for all of them (got {n})")

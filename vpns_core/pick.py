@@ -8,7 +8,10 @@ Reads ``<storage>/NAME/trials.parquet`` (``sweeps/pareto.py`` or any sweep whose
 the cost record: ``latency_ms``, ``params_m``, ``flops_g``), keeps the finished trials that fit,
 picks the best validation accuracy (ties: the later selected epoch, then the smaller trial id;
 :func:`vpns_core.stats.selection_key`), prints it with its measured costs and its test accuracy,
-and copies its ``model_export.pt``, which loads without vpns (``scripts/load_pruned.py``). With a
+and copies its ``model_export.pt`` (a state dict: loads with torch and the architecture's own
+package, ``scripts/load_pruned.py``; vpns' tiny ResNet needs vpns) and its ``model_program.pt2``
+(``torch.export``: loads with torch alone, ``torch.export.load(path).module()``; see
+:mod:`vpns_core.export`) beside it, as ``<out>`` and ``<out stem>_program.pt2``. With a
 latency cap it times the copy again here (``--no-remeasure`` skips it), loaded as a user loads it,
 at the trial's batch size and thread count, and says whether it still fits. If no trial fits,
 it says so, names the closest trial and exits with status 1. Status 2: a usage error.
@@ -118,6 +121,19 @@ def export_path(folder: Path, row: dict[str, Any]) -> Path:
     return path
 
 
+def copy_programs(trial: Path, out: Path) -> list[Path]:
+    """Copy the trial's ``torch.export`` programs (:mod:`vpns_core.export`) beside ``out``:
+    ``<out stem>_program.pt2`` and, for a prompted trial, ``<out stem>_program_unprompted.pt2``.
+    Returns the copies (none for a trial exported before the programs were written)."""
+    from .export import PROGRAM, UNPROMPTED_PROGRAM
+    copies = []
+    for name, suffix in ((PROGRAM, "_program.pt2"), (UNPROMPTED_PROGRAM, "_program_unprompted.pt2")):
+        if (trial / name).is_file():
+            copies.append(out.with_name(out.stem + suffix))
+            shutil.copyfile(trial / name, copies[-1])
+    return copies
+
+
 def channels_last(row: dict[str, Any], model: torch.nn.Module, device: torch.device) -> bool:
     """Whether the trial timed its model on NHWC input: its ``latency_layout``, else (a sweep
     recorded before the layout was) the trial's own rule (``channels_last`` or the model's)."""
@@ -199,14 +215,21 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copyfile(source, args.out)
         target = args.out
         from .models import plain_model
-        nhwc = channels_last(best, plain_model(torch.load(source, map_location="cpu", weights_only=True)),
-                             torch.device("cpu"))
+        export = torch.load(source, map_location="cpu", weights_only=True)
+        nhwc = channels_last(best, plain_model(export), torch.device("cpu"))
         layout = " --channels-last" if nhwc else ""
-        print(f"copied its export to {args.out} (loads without vpns; time it as the trial did: python "
+        package = export["builder"]["module"].split(".")[0]
+        loads = ("needs vpns: its architecture is vpns' own" if package == "vpns_core" else
+                 f"loads with torch and {package}, no vpns")
+        print(f"copied its export to {args.out} (a state dict; {loads}; time it as the trial did: python "
               f"scripts/load_pruned.py {args.out} --latency-batch {int(best.get('latency_batch') or 64)}"
               f"{layout} --threads {int(best.get('latency_threads') or 1)})")
+        programs = copy_programs(source.parent, args.out)
+        if programs:
+            print(f"copied its program to {', '.join(map(str, programs))} (loads with torch alone: "
+                  f"torch.export.load(PATH).module()(images))")
     else:
-        print(f"its export: {source} (--out PATH copies it)")
+        print(f"its export: {source} (--out PATH copies it and its program)")
     timed = {name: cap for name, cap in budget.limits if name in ("latency_ms", "latency_cpu_ms")}
     if timed and not args.no_remeasure:
         again = remeasure(target, best, args.repeats)

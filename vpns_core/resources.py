@@ -7,10 +7,10 @@ sweep's preflight calls it on its driver (``device=False``, ``download`` as the 
 """
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 from .errors import ConfigError
+from .files import check_file_path
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import Config
@@ -44,8 +44,7 @@ def check_resources(*configs: "Config", download: bool | None = None, device: bo
     files = sorted({(name, getattr(cfg, name)) for cfg in configs
                     for name in ("mask_file", "source_checkpoint") if getattr(cfg, name) is not None})
     for name, path in files:
-        if not os.path.isfile(path):
-            raise ConfigError(f"{name}: file not found (got {path!r})")
+        check_file_path(name, path)
     fetch = {id(cfg): cfg.download if download is None else download for cfg in configs}
     for dataset, root, allowed in sorted({(c.dataset, c.data_root, fetch[id(c)]) for c in configs}, key=str):
         check_available(dataset, root, allowed)

@@ -39,6 +39,7 @@ from .data import (DataSplits, DeviceBatches, build_data, device_copy_bytes, hol
                    split_record, stratified_sample)
 from .distributed import DataParallel, ShardedBatches, check_data_parallel, digest, sync_batchnorm
 from .errors import ConfigError
+from .export import Predictor, save_programs
 from .label_mapping import LabelMap, frequency_label_mapping, greedy_mapping, label_counts
 from .masking import MaskedNetwork, plain_state_dict
 from .methods import METHODS
@@ -863,6 +864,9 @@ class Trial:
         export.update(self.method.export_entries(self))
         if writes:
             atomic_save(export, self.workdir / "model_export.pt")
+            # the state dict needs the architecture's code (vpns' own for the tiny ResNet); the
+            # torch.export programs carry it: plain torch loads them (vpns_core.export)
+            save_programs(self.predictor(export, best), export, self.workdir)
         final = dict(self.history[-1]) if self.history else {}
         final["dataset"] = dict(self.dataset)
         if self.best is not None:
@@ -887,6 +891,19 @@ class Trial:
         final["prompt_input_fraction"] = self.cfg.prompt_input_fraction if pad else 0.0
         final["prompt_image_fraction"] = self.cfg.prompt_image_fraction if pad else 0.0
         return TrialResult(self.cfg, final, list(self.history), stats, self.workdir)
+
+    def predictor(self, export: dict[str, Any], best: dict[str, Any]) -> Predictor:
+        """The exported (validation-selected) model as one CPU module, built from ``export``
+        and ``best`` as a user rebuilds it: a new prompt holding the selected prompt's values,
+        the plain network (:func:`vpns_core.models.plain_model`), the selected label mapping."""
+        cfg = self.cfg
+        prompt = build_prompt(cfg.prompt, input_size=cfg.input_size, output_size=cfg.output_size,
+                              mean=self.source.mean, std=self.source.std, pad_size=cfg.pad_size,
+                              prompt_size=cfg.resolved_prompt_size, plain_frame=cfg.plain_frame)
+        prompt.load_state_dict(best["prompt"])
+        label_map = LabelMap(self.data.num_classes, identity=self.label_map.identity)
+        label_map.mapping.copy_(best["mapping"])
+        return Predictor(prompt, plain_model(export), label_map, prompted=self.uses_prompt)
 
     def costs(self, export: dict[str, Any]) -> dict[str, Any]:
         """The cost record of the model this trial exports (:func:`vpns_core.costs.cost_record`),
