@@ -338,8 +338,8 @@ def status_note(table: pd.DataFrame, label: Callable[[dict], str]) -> str:
     extra = [r for r in rows if r.get("failed_trials", 0) > r["failed"]]
     if not short:
         seeds = max((int(r["seeds"]) for r in rows), default=0)
-        text = (f"All {len(rows)} points finished at all {seeds} seeds." if len(rows) > 1 else
-                f"The point finished at {'its one seed' if seeds == 1 else f'all {seeds} seeds'}.")
+        at = "its one seed" if seeds == 1 else f"all {seeds} seeds"
+        text = f"All {len(rows)} points finished at {at}." if len(rows) > 1 else f"The point finished at {at}."
     else:
         parts = []
         for row in short:
