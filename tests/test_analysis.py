@@ -566,3 +566,31 @@ def check_confirmation(table, figure):
 
 
 CASES["confirmation"] = (confirmation_rows, check_confirmation)
+
+
+def nm_rows():
+    """Three seeds of the N:M study's eight arms (search_spaces/nm.py)."""
+    from search_spaces.nm import METHODS, PATTERNS
+    acc = {"vpns": 0.80, "frozen pad": 0.78, "hydra": 0.75, "omp": 0.70}
+    rows = []
+    for pattern, fields in PATTERNS.items():
+        for arm, method in METHODS.items():
+            for seed, d in ((7, 0.0), (9, 0.011), (17, -0.004)):
+                value = acc[arm] + d + (0.004 * seed if arm == "vpns" else 0.0) - (0.05 if pattern == "2:4" else 0)
+                row = trial(seed, value, value, script="ablation_nm", axes={"pattern_arm": f"{pattern} · {arm}"},
+                            **{**fields, **method})
+                rows.append(row)
+    return rows
+
+
+def check_nm(table, figure):
+    assert set(table["pattern"]) == {"2:4", "unstructured 50%"} and len(table) == 8
+    row = table[(table["pattern"] == "2:4") & (table["arm"] == "omp")].iloc[0]
+    assert close(row["test_pct_mean"], 100 * (0.70 - 0.05 + (0.011 - 0.004) / 3))
+    text = " ".join(figure.caption)
+    assert "2:4, headline accuracy: vpns − frozen pad: +" in text
+    assert "unstructured 50%, headline accuracy: vpns − frozen pad:" in text
+    assert text.count("family-wise 95% CI (Holm over 6)") == 6
+
+
+CASES["nm"] = (nm_rows, check_nm)
