@@ -143,7 +143,7 @@ def test_the_analysis_and_the_report_read_the_runs_back_from_the_server(server, 
 
     assert report.main([*common, "--out", str(tmp_path / "report")]) == 0
     page = (tmp_path / "report" / "report.html").read_text()
-    assert page.count("<figcaption>") == 1  # the pad-4 trial's prompt, downloaded from the server
+    assert page.count("<figcaption>") == 2  # the pad-4 and frozen-pad prompts, downloaded from the server
     assert page.count('class="figure"') == 1
 
 

@@ -23,6 +23,8 @@ from .masking import nm_mask
 def unavailable(device: torch.device | str) -> str | None:
     """None when ``device`` runs semi-structured sparse matmuls, else the reason."""
     device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "cuda: no CUDA device is visible to this process"
     if device.type != "cuda":
         return (f"{device.type}: torch's semi-structured sparse kernels run on NVIDIA GPUs of compute "
                 f"capability 8.0+ only; the export keeps dense weights with zeros")
