@@ -122,9 +122,9 @@ def test_local_ray_up_runs_a_sweep_and_leaves_nothing_behind():
         out = run.stdout
         assert run.returncode == 0, out + run.stderr
         assert re.search(r"^cluster up: [\d.]+ s$", out, flags=re.M)
-        assert re.search(r"^sweep: [\d.]+ s; \[ablation_pad-tiny-\S+\] 2 trials, 0 failed", out, flags=re.M)
-        assert re.search(r"^results: \S+trials.parquet: 2 trials, all finished$", out, flags=re.M)
-        assert "1 parent run, 2 child runs (= trials), all FINISHED" in out
+        assert re.search(r"^sweep: [\d.]+ s; \[ablation_pad-tiny-\S+\] 3 trials, 0 failed", out, flags=re.M)
+        assert re.search(r"^results: \S+trials.parquet: 3 trials, all finished$", out, flags=re.M)
+        assert "1 parent run, 3 child runs (= trials), all FINISHED" in out
         assert f"after down: no process of {cluster_dir} left" in out
         assert re.search(r"^timing: cluster up [\d.]+ s, sweep [\d.]+ s, down [\d.]+ s$", out, flags=re.M)
         assert out.rstrip().endswith("check_local_cluster: OK")
