@@ -193,7 +193,7 @@ def test_place_refuses_or_falls_back_when_ray_gave_a_gpu_without_cuda():
 
 @pytest.mark.slow
 def test_fake_gpus_are_placed_half_a_gpu_per_trial(cluster, tmp_path, tracking, monkeypatch):
-    """A node declaring 2 GPUs and --gpus-per-trial 0.5: four trials at once, each on its own
+    """A node declaring 2 GPUs and --gpus-per-trial 0.5: three trials at once (up to four fit), each on its own
     half of GPU 0 or 1 (Ray's ids, and CUDA_VISIBLE_DEVICES set to them); without CUDA they fall
     back to the CPU (--set device=auto) with the reason in their results and MLflow tags."""
     # Ray checks a node's GPU count against CUDA_VISIBLE_DEVICES (conftest hides every GPU)
