@@ -58,7 +58,7 @@ def tests(rows: pd.DataFrame) -> dict[str, Comparison]:
 def build(runs: Runs) -> Figure:
     rows = per_seed(runs)
     results = tests(rows)
-    arms = ordered(rows["arm"], [a for pair in HYPOTHESES.values() for a in pair])
+    arms = ordered(rows["arm"], list(dict.fromkeys(a for pair in HYPOTHESES.values() for a in pair)))
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 5.6), gridspec_kw={"width_ratios": [1.4, 1]})
     for i, arm in enumerate(arms):
         part = rows[rows["arm"] == arm]
@@ -81,7 +81,7 @@ def build(runs: Runs) -> Figure:
     right.set_yticks(range(len(names)), [f"{h}: {a} − {b}" for h, (a, b) in
                                          ((h, HYPOTHESES[h]) for h in names)], fontsize=8)
     right.invert_yaxis()
-    right.set_xlabel("paired difference (points), Holm-corrected 95% interval")
+    right.set_xlabel("paired difference (points), Holm-corrected 95% CI")
     right.grid(alpha=0.3)
     trials = runs.trials
     caption = [f"{context(runs, trials, sparsity=False)}; data_seed "
@@ -98,7 +98,7 @@ def build(runs: Runs) -> Figure:
             f"{r.arm} seed {r.seed} ({r.state})" for r in failed.itertuples()) + ".")
     fig.suptitle(TITLE, fontsize=11)
     fig.text(0.01, 0.01, "\n".join(_wrap(s) for s in caption[2:]), fontsize=7.5, va="bottom")
-    fig.subplots_adjust(bottom=0.32, left=0.07, right=0.98, wspace=0.55, top=0.9)
+    fig.subplots_adjust(bottom=0.32, left=0.07, right=0.97, wspace=0.6, top=0.9)
     return Figure(NAME, TITLE, fig, rows, caption)
 
 
