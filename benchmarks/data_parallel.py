@@ -1,7 +1,7 @@
 """Data-parallel trials: images/s of 1 and 2 workers side by side, and the cost of the paper's
 ImageNet ResNet-50 setting on 4 or 8 GPUs.
 
-**Throughput.** The real VPNs steps (``Trial.train_step`` of stage 1, scores + prompt with Adam,
+**Throughput.** The real VPNs steps (``Loop.train_step`` of stage 1, scores + prompt with Adam,
 and stage 2, fixed mask with weights + prompt and SGD) at the same global batch, timed in rounds
 in one run (each round every variant takes ``--steps`` steps, so load changes hit all alike):
 
@@ -75,8 +75,8 @@ def prepare(trial, stage: str, rows: slice | None = None):
         trial.net.fix()
         groups = [{"params": list(trial.model.parameters()), "lr": cfg.tune_lr}]
         kind = "sgd"
-    groups.append({"params": trial.prompt_params(), "lr": cfg.mask_lr})
-    opt = trial.optimizer(kind, groups)
+    groups.append({"params": trial.assembly.prompt_params(), "lr": cfg.mask_lr})
+    opt = trial.loop.optimizer(kind, groups)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10_000)
     trial.model.train()
     gen = torch.Generator().manual_seed(0)
@@ -87,7 +87,7 @@ def prepare(trial, stage: str, rows: slice | None = None):
     x, y = x.to(trial.device), y.to(trial.device)
 
     def step() -> None:
-        trial.train_step(opt, sched, x, y, prompted=True)
+        trial.loop.train_step(opt, sched, x, y, prompted=True)
 
     return step
 

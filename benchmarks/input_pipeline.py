@@ -10,7 +10,7 @@ Stages, each timed on its own in one run (images/s, median over repeats):
 - ``to device + crop/flip``: uint8 -> float on the device and the batched random crop and flip;
 - ``prompt + normalise``: the prompt and normalisation, batched on the device;
 - ``model step``: one training step of the trial (forward, backward, optimiser) on the same batch;
-- ``training loop``: an epoch of the trial's own loader (``Trial.loader``) feeding the step,
+- ``training loop``: an epoch of the trial's own loader (``Feed.loader``) feeding the step,
   with the share of its time spent waiting for the next batch (the model starves if it is large).
 
 Two datasets: the embedded Fashion-MNIST (resized once and held in memory) and a synthetic
@@ -122,7 +122,7 @@ def bench_dataset(label: str, cfg: Config, workers: list[int], repeats: int, wor
     gen = torch.Generator(device=trial.device).manual_seed(0)
 
     def device_part():
-        x, _ = trial.to_device(x8, y)
+        x, _ = trial.feed.to_device(x8, y)
         return random_crop_flip(x, cfg.input_size, gen)
 
     rate, t = median_rate(device_part, batch, repeats * 3)
@@ -134,7 +134,7 @@ def bench_dataset(label: str, cfg: Config, workers: list[int], repeats: int, wor
     opt = torch.optim.SGD(trial.model.parameters(), lr=1e-3, momentum=0.9)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=1000)
     yd = y.to(trial.device)
-    rate, t = median_rate(lambda: trial.train_step(opt, sched, xd, yd, prompted=True), batch, repeats)
+    rate, t = median_rate(lambda: trial.loop.train_step(opt, sched, xd, yd, prompted=True), batch, repeats)
     add("model step (train, prompted)", rate, t)
 
     # The real loop: time spent in next(loader) vs in the step, one epoch per worker count.
@@ -150,8 +150,8 @@ def bench_dataset(label: str, cfg: Config, workers: list[int], repeats: int, wor
             except StopIteration:
                 break
             t1 = time.perf_counter()
-            x, yy = trial.to_device(xb, yb)
-            trial.train_step(opt, sched, random_crop_flip(x, cfg.input_size, gen), yy, prompted=True)
+            x, yy = trial.feed.to_device(xb, yb)
+            trial.loop.train_step(opt, sched, random_crop_flip(x, cfg.input_size, gen), yy, prompted=True)
             step += time.perf_counter() - t1
             wait += t1 - t0
             seen += len(yb)

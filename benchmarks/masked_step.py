@@ -1,6 +1,6 @@
 """Masked-step overhead: time per training step of VPNs stage 1 and stage 2 ÷ a dense step.
 
-Every variant is the real training step of :class:`vpns_core.train.Trial` (``Trial.train_step``:
+Every variant is the real training step of :class:`vpns_core.loop.Loop` (``Loop.train_step``:
 prompt, model, label mapping, cross-entropy, backward, optimiser and scheduler step) on the same
 ResNet-18 (torchvision, random init, no download), batch and input, timed round-robin in one
 process (median of ``--iters`` after ``--warmup``):
@@ -73,7 +73,7 @@ def make_trial(size: int, pad: int, batch: int, args: argparse.Namespace, workdi
 
 def prepare(trial: Trial, variant: str):
     """Put the trial's network in the variant's mode and build its optimiser and scheduler the
-    way ``Trial.run_stage`` does; returns ``step() -> None``."""
+    way ``Loop.run_stage`` does; returns ``step() -> None``."""
     cfg = trial.cfg
     prompted = not variant.endswith("noprompt") and variant != "dense"  # dense_prompt: prompted
     if variant.startswith("stage1"):
@@ -86,8 +86,8 @@ def prepare(trial: Trial, variant: str):
         groups = [{"params": list(trial.model.parameters()), "lr": cfg.tune_lr}]
         kind = "sgd"
     if prompted:
-        groups.append({"params": trial.prompt_params(), "lr": cfg.mask_lr})
-    opt = trial.optimizer(kind, groups)  # the loop's own optimizer and step, not copies
+        groups.append({"params": trial.assembly.prompt_params(), "lr": cfg.mask_lr})
+    opt = trial.loop.optimizer(kind, groups)  # the loop's own optimizer and step, not copies
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10_000)
     trial.model.train()
     gen = torch.Generator().manual_seed(0)
@@ -95,7 +95,7 @@ def prepare(trial: Trial, variant: str):
     y = torch.randint(0, 10, (cfg.batch_size,), generator=gen).to(trial.device)
 
     def step() -> None:
-        trial.train_step(opt, sched, x, y, prompted=prompted)
+        trial.loop.train_step(opt, sched, x, y, prompted=prompted)
 
     return step
 

@@ -23,12 +23,13 @@ from benchmarks.harness import amp_dtype, write_json
 from sweeps.text_table import print_table
 from vpns_core.models import build_model, head_layer
 from vpns_core.channel_pruning import ChannelPruner, compare
+from vpns_core.methods import METHODS
 
 
 def pruned_copy(name: str, size: int, sparsity: float, device: torch.device):
     model = build_model(name, pretrained=False).module.to(device).eval()
     cp = ChannelPruner(model, torch.zeros(1, 3, size, size, device=device), sparsity,
-                       method="depgraph", ignored=(head_layer(model)[1],))
+                       method=METHODS.get("depgraph")(), ignored=(head_layer(model)[1],))
     cp.remove(cp.plan())
     return model
 

@@ -139,7 +139,7 @@ def step_trial(device: torch.device, size: int, train: int, batch: int, workdir:
            "sparsity_reported": result.history[-1]["sparsity"],
            "sparsity_exact": 1.0 - kept / total if total else None,
            "selected_test_acc": result.final.get("selected_test_acc"),
-           "data_on_device": trial._on_device(trial.data.train)}
+           "data_on_device": trial.feed.on_device(trial.data.train)}
     if device.type == "cuda":
         out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return out

@@ -134,12 +134,13 @@ class _Evil:
 
 
 def _no_compute(monkeypatch):
+    import vpns_core.assembly as assembly
     import vpns_core.train as train
 
     def compute(*args, **kwargs):
         raise AssertionError("compute started before the bad input was rejected")
     monkeypatch.setattr(train, "build_data", compute)
-    monkeypatch.setattr(train, "build_model", compute)
+    monkeypatch.setattr(assembly, "build_model", compute)
 
 
 def _case(name, tmp_path, monkeypatch):

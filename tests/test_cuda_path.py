@@ -122,10 +122,10 @@ def test_data_held_on_the_device_trains_exactly_as_the_loader(tmp_path):
     cfg = Config(**{**TINY, "method": "vpns", "mask_epochs": 1, "tune_epochs": 1, "test_every_epoch": True})
     held = Trial(cfg.replace(data_on_device=True), tmp_path / "probe")
     gen = lambda: torch.Generator().manual_seed(3)
-    device_batches = list(held.loader(held.data.train, train=True, generator=gen()))
-    assert isinstance(held.loader(held.data.train, train=True), DeviceBatches)
+    device_batches = list(held.feed.loader(held.data.train, train=True, generator=gen()))
+    assert isinstance(held.feed.loader(held.data.train, train=True), DeviceBatches)
     plain = Trial(cfg.replace(data_on_device=False), tmp_path / "probe2")
-    loader_batches = list(plain.loader(plain.data.train, train=True, generator=gen()))
+    loader_batches = list(plain.feed.loader(plain.data.train, train=True, generator=gen()))
     assert len(device_batches) == len(loader_batches) > 1
     for (a, ya), (b, yb) in zip(device_batches, loader_batches):
         assert torch.equal(a, b) and torch.equal(ya, yb)
@@ -175,7 +175,7 @@ def test_cuda_device_batches_match_the_loader(tmp_path):
     loader = trial.loader(trial.data.train, train=True, generator=torch.Generator().manual_seed(1))
     assert isinstance(loader, DeviceBatches)  # the default on CUDA
     plain = Trial(cfg.replace(data_on_device=False), tmp_path / "p")
-    reference = plain.loader(plain.data.train, train=True, generator=torch.Generator().manual_seed(1))
+    reference = plain.feed.loader(plain.data.train, train=True, generator=torch.Generator().manual_seed(1))
     for (x, y), (xr, yr) in zip(loader, reference):
         assert x.is_cuda and torch.equal(y.cpu(), yr)
         assert (x.cpu().int() - xr.int()).abs().max() <= 1  # GPU and CPU resize round alike

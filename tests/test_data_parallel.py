@@ -73,7 +73,7 @@ def _rank_main(rank: int, world: int, port: int, out: str) -> None:
             with torch.no_grad():
                 next(trial.model.parameters()).view(-1)[0] += 1.0
         try:
-            trial.dp.check_replicas(trial.replica_digests(), "in the test")
+            trial.collective.check_replicas(trial.assembly.replica_digests(), "in the test")
             caught = ""
         except ReplicaDivergenceError as err:
             caught = str(err)

@@ -72,13 +72,13 @@ def workdir(tmp_path_factory):
 @torch.no_grad()
 def expected_logits(trial: Trial, images: torch.Tensor, prompted: bool) -> torch.Tensor:
     trial.model.eval()
-    return trial.forward(images.to(trial.device), prompted).float().cpu()
+    return trial.assembly.forward(images.to(trial.device), prompted).float().cpu()
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_the_programs_load_without_vpns_and_give_the_trials_logits(name, workdir):
     trial = finished_trial(name, workdir)
-    images = trial.first_images(16).cpu()  # real training images, as the trial evaluates them
+    images = trial.feed.first_images(16).cpu()  # real training images, as the trial evaluates them
     torch.save({"images": images,
                 "prompted": expected_logits(trial, images, trial.uses_prompt),
                 "unprompted": expected_logits(trial, images, False)}, workdir / "expected.pt")

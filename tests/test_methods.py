@@ -146,7 +146,7 @@ def big_net():
 
 def random_masks(allocation, seed):
     net = MaskedNetwork(big_net(), 0.9, allocation=allocation)
-    METHODS.get("random").prune(fake_trial(net, seed))
+    METHODS.get("random")().prune(fake_trial(net, seed))
     return net, net.current_masks()
 
 
@@ -175,7 +175,7 @@ def test_omp_keeps_exactly_the_largest_pretrained_magnitudes():
     model = big_net()
     pretrained = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     net = MaskedNetwork(model, 0.9, allocation="global")
-    METHODS.get("omp").prune(fake_trial(net))
+    METHODS.get("omp")().prune(fake_trial(net))
     masks = net.current_masks()
     kept = torch.cat([pretrained[n].abs()[masks[n]] for n in masks])
     pruned = torch.cat([pretrained[n].abs()[~masks[n]] for n in masks])
@@ -202,13 +202,13 @@ def test_lth_prunes_20_percent_per_round_and_rewinds_to_pretrained(tmp_path):
     trial = Trial(cfg, tmp_path)
     pretrained = {k: v.clone() for k, v in trial.model.state_dict().items()}
     snapshots = []
-    run_stage = trial.run_stage
+    run_stage = trial.loop.run_stage
 
     def recording(stage, *args, **kwargs):
         state = {k: v.clone() for k, v in trial.model.state_dict().items()}
         run_stage(stage, *args, **kwargs)
         snapshots.append((stage, state, {k: v.clone() for k, v in trial.model.state_dict().items()}))
-    trial.run_stage = recording
+    trial.loop.run_stage = recording
     seen = []
     trial.reporter = seen.append
     trial.run()
@@ -295,14 +295,14 @@ class NoData:
 
 def test_synflow_needs_no_data(tmp_path):
     trial = Trial(tiny(method="synflow", synflow_iterations=3), tmp_path)
-    trial.data = NoData()
-    METHODS.get("synflow").prune(trial)
+    trial.feed.data = NoData()
+    METHODS.get("synflow")().prune(trial.context)
     assert trial.net.mode == "fixed" and trial.forward_passes == 3
     assert trial.net.sparsity_report()["sparsity"] == pytest.approx(0.8, abs=1 / trial.net.total)
     snip = Trial(tiny(method="snip"), tmp_path / "snip")
-    snip.data = NoData()
+    snip.feed.data = NoData()
     with pytest.raises(AssertionError, match="data accessed"):  # SNIP, by contrast, needs data
-        METHODS.get("snip").prune(snip)
+        METHODS.get("snip")().prune(snip.context)
 
 
 # --- BiP ------------------------------------------------------------------------------------
@@ -354,13 +354,13 @@ def test_bip_bilevel_stage_moves_weights_and_mask(tmp_path):
     trial = Trial(tiny(method="bip", tune_epochs=0, mask_lr=0.1), tmp_path)
     before = {n: m.weight.detach().clone() for n, m in trial.net.layers}
     initial_masks = {}
-    run_stage = trial.run_stage
+    run_stage = trial.loop.run_stage
 
     def recording(stage, *args, **kwargs):
         if stage == "mask":
             initial_masks.update(trial.net.current_masks())
         run_stage(stage, *args, **kwargs)
-    trial.run_stage = recording
+    trial.loop.run_stage = recording
     seen = []
     trial.reporter = seen.append
     trial.run()

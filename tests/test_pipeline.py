@@ -15,9 +15,9 @@ def test_worker_processes_change_nothing_and_evaluation_loaders_persist(tmp_path
         trial.run()
         curves[workers] = [(m["train_loss"], m["val_acc"], m["test_acc_prompt"], m["test_acc_noprompt"])
                            for m in seen]
-        test_loader = trial.loader(trial.data.test, train=False)
-        assert (test_loader is trial.loader(trial.data.test, train=False)) == (workers > 0)
+        test_loader = trial.feed.loader(trial.data.test, train=False)
+        assert (test_loader is trial.feed.loader(trial.data.test, train=False)) == (workers > 0)
         assert test_loader.persistent_workers == (workers > 0)
-        train_loader = trial.loader(trial.data.train, train=True)
-        assert train_loader is not trial.loader(trial.data.train, train=True)  # seeded per epoch
+        train_loader = trial.feed.loader(trial.data.train, train=True)
+        assert train_loader is not trial.feed.loader(trial.data.train, train=True)  # seeded per epoch
     assert curves[0] == curves[1]

@@ -12,6 +12,7 @@ from vpns_core.config import Config
 from vpns_core.data import TensorImages
 from vpns_core.label_mapping import frequency_label_mapping
 from vpns_core.prompts import build_prompt
+from vpns_core.loop import Loop
 from vpns_core.train import Trial
 
 from conftest import tiny
@@ -24,7 +25,7 @@ class StepSpy:
     def __init__(self, trial: Trial, monkeypatch):
         self.steps = []
         self.inputs = []  # (training?, shape of the network's input)
-        original = Trial.train_step
+        original = Loop.train_step
         scores0 = trial.net.layers[0][1]
 
         def step(this, opt, sched, x, y, prompted, scheduler_step=True):
@@ -34,9 +35,9 @@ class StepSpy:
             self.steps.append({"prompted": prompted, "x": x.detach().clone(), "y": y.tolist(),
                                "lr": lr,
                                "score_grad": score is not None and score.grad is not None,
-                               "prompt_grad": this.prompt.delta.grad is not None})
+                               "prompt_grad": this.assembly.prompt.delta.grad is not None})
             return out
-        monkeypatch.setattr(Trial, "train_step", step)
+        monkeypatch.setattr(Loop, "train_step", step)
         trial.model.register_forward_pre_hook(
             lambda module, args: self.inputs.append((module.training, tuple(args[0].shape))))
 
@@ -128,15 +129,15 @@ def test_label_mapping_reads_every_class_of_a_class_ordered_split(tmp_path):
     per_class = 12
     labels = np.repeat(np.arange(10), per_class)  # stored class by class, as Tiny-ImageNet
     images = torch.from_numpy((20 * (labels + 1)).astype(np.uint8))[:, None, None, None].expand(-1, 3, 24, 24)
-    trial.data = dataclasses.replace(trial.data, train_eval=TensorImages(images.contiguous(), labels))
+    trial.feed.data = dataclasses.replace(trial.data, train_eval=TensorImages(images.contiguous(), labels))
     with torch.no_grad():
         prototypes = torch.stack([trial.prompt(images[i * per_class:i * per_class + 1].float() / 255,
                                                enabled=False).mean() for i in range(10)])
-    trial.model = ColourClassifier(prototypes)
-    chosen = trial.label_mapping_indices()
+    trial.assembly.model = ColourClassifier(prototypes)
+    chosen = trial.feed.label_mapping_indices()
     assert len(chosen) == 40 and set(labels[chosen]) == set(range(10))  # stratified, all classes
-    assert np.array_equal(chosen, trial.label_mapping_indices())  # the same sample on resume
-    mapping = trial.compute_label_mapping(prompted=False)
+    assert np.array_equal(chosen, trial.feed.label_mapping_indices())  # the same sample on resume
+    mapping = trial.evaluation.compute_label_mapping(prompted=False)
     assert mapping.tolist() == [3 + k for k in range(10)]
     # the old rule, the first 40 images, sees classes 0-3 only and maps the rest wrongly
     first = torch.arange(40)
@@ -144,9 +145,9 @@ def test_label_mapping_reads_every_class_of_a_class_ordered_split(tmp_path):
                                   1000, 10)
     assert old.tolist() != [3 + k for k in range(10)]
     # the whole split (the authors' choice, the paper preset's)
-    trial.cfg = trial.cfg.replace(label_mapping_samples=None)
-    assert len(trial.label_mapping_indices()) == len(labels)
-    assert trial.compute_label_mapping(prompted=False).tolist() == [3 + k for k in range(10)]
+    trial.feed.cfg = trial.cfg.replace(label_mapping_samples=None)
+    assert len(trial.feed.label_mapping_indices()) == len(labels)
+    assert trial.evaluation.compute_label_mapping(prompted=False).tolist() == [3 + k for k in range(10)]
     assert PAPER["label_mapping_samples"] is None
 
 
@@ -230,13 +231,13 @@ def test_channels_last_is_chosen_for_depthwise_models_and_changes_no_value(tmp_p
     assert torch.equal(out, nchw.prompt(x))
     nchw.model.eval(), nhwc.model.eval()
     with torch.no_grad():
-        assert torch.allclose(nhwc.forward(x, True), nchw.forward(x, True), atol=1e-5)
+        assert torch.allclose(nhwc.assembly.forward(x, True), nchw.assembly.forward(x, True), atol=1e-5)
 
 
 def test_evaluation_leaves_the_global_rng_alone(tmp_path):
     trial = Trial(tiny(prompt="random"), tmp_path)  # a random prompt draws its location too
     before = torch.get_rng_state()
-    trial.compute_label_mapping(prompted=True)
+    trial.evaluation.compute_label_mapping(prompted=True)
     for prompted in (True, False):
-        trial.evaluate(trial.data.val, prompted=prompted)
+        trial.evaluation.evaluate(trial.data.val, prompted=prompted)
     assert torch.equal(before, torch.get_rng_state())

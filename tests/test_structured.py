@@ -39,7 +39,7 @@ def random_bn(model):
 
 def pruner(name, method, sparsity, size=32, allocation="layerwise"):
     model = random_bn(build_model(name, pretrained=False).module)
-    cp = ChannelPruner(model, torch.zeros(1, 3, size, size), sparsity, method=method,
+    cp = ChannelPruner(model, torch.zeros(1, 3, size, size), sparsity, method=METHODS.get(method)(),
                        allocation=allocation, ignored=(head_layer(model)[1],))
     return model, cp
 
@@ -89,8 +89,8 @@ def test_each_channel_method_builds_its_own_pruner():
     assert set(CHANNEL_METHODS) == set(kinds)
     for method in CHANNEL_METHODS:
         _, cp = pruner("tiny_resnet", method, 0.5)
-        assert cp.method is METHODS.get(method) and type(cp.pruner).__name__ == kinds[method]
-    with pytest.raises(ValueError, match="^method: 'omp' is not a channel method; choose from depgraph"):
+        assert type(cp.method) is METHODS.get(method) and type(cp.pruner).__name__ == kinds[method]
+    with pytest.raises(ValueError, match="^method: 'omp' is not a channel method; choose one of vpns_core.methods.channel"):
         pruner("tiny_resnet", "omp", 0.5)
 
 
@@ -110,7 +110,7 @@ def test_channel_gate_gradient_is_straight_through_abs():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
     model(torch.zeros(1, 3, 6, 6))
     model = random_bn(model)
-    cp = ChannelPruner(model, torch.zeros(1, 3, 6, 6), 0.5, method="vpns_structured", ignored=(model[4],))
+    cp = ChannelPruner(model, torch.zeros(1, 3, 6, 6), 0.5, method=METHODS.get("vpns_structured")(), ignored=(model[4],))
     (s,) = cp.attach_scores()
     with torch.no_grad():
         s.copy_(torch.tensor([0.3, -0.1, -0.4, 0.2]))  # drop channels 1 and 3 (smallest |s|)
@@ -163,11 +163,11 @@ def test_compare_reports_ratios_below_one_for_a_pruned_model():
 def test_structured_vpns_learns_scores_and_prompt(tmp_path):
     trial = Trial(tiny(method="vpns_structured", mask_epochs=2), tmp_path)
     trial.method.warmup(trial, prompted=True)
-    scores = trial.channels.attach_scores()
+    scores = trial.method.channels.attach_scores()
     start = [s.detach().clone() for s in scores]
     weight = trial.model.conv1.weight.detach().clone()
-    trial.run_stage("mask", [{"params": scores, "lr": 0.05},
-                             {"params": trial.prompt_params(), "lr": 0.05}],
+    trial.loop.run_stage("mask", [{"params": scores, "lr": 0.05},
+                             {"params": trial.assembly.prompt_params(), "lr": 0.05}],
                     optimizer="adam", epochs=1, prompted=True)
     assert all(not torch.equal(a, b.detach()) for a, b in zip(start, scores))
     assert torch.count_nonzero(trial.prompt.delta) > 0

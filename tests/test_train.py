@@ -11,6 +11,7 @@ from vpns_core.checkpoint import CheckpointError, safe_load
 from vpns_core.config import Config
 from vpns_core.methods import METHODS
 from vpns_core.models import build_model
+from vpns_core.evaluation import Evaluation
 from vpns_core.train import CHECKPOINT, NonFiniteLossError, Trial, run_trial
 
 from conftest import TINY, tiny
@@ -46,12 +47,12 @@ def test_hydra_means_no_prompt_and_prompt_is_trained_in_vpns(tmp_path):
 @pytest.mark.parametrize("method,passes", [("hydra", 1), ("vpns", 2)])
 def test_an_identity_prompt_is_evaluated_once(method, passes, tmp_path, monkeypatch):
     calls = []
-    evaluate = Trial.evaluate
+    evaluate = Evaluation.evaluate
 
     def counting(self, dataset, prompted):
         calls.append(prompted)
         return evaluate(self, dataset, prompted)
-    monkeypatch.setattr(Trial, "evaluate", counting)
+    monkeypatch.setattr(Evaluation, "evaluate", counting)
     seen = []
     run_trial(tiny(method=method, test_every_epoch=True), tmp_path, reporter=seen.append)
     assert len(calls) == 2 * passes * len(seen)  # test and validation splits, every epoch
@@ -64,13 +65,13 @@ def test_an_identity_prompt_is_evaluated_once(method, passes, tmp_path, monkeypa
 def test_test_set_only_where_read_gives_the_same_selected_results(model, tmp_path, monkeypatch):
     """Skipping the test passes nobody reads changes no number that is read, and saves passes."""
     calls = {}
-    evaluate = Trial.evaluate
+    evaluate = Evaluation.evaluate
 
     def counting(self, dataset, prompted):
-        split = "test" if dataset is self.data.test else "val"
+        split = "test" if dataset is self.feed.data.test else "val"
         calls[self.cfg.test_every_epoch, split] = calls.get((self.cfg.test_every_epoch, split), 0) + 1
         return evaluate(self, dataset, prompted)
-    monkeypatch.setattr(Trial, "evaluate", counting)
+    monkeypatch.setattr(Evaluation, "evaluate", counting)
     cfg = tiny(mask_epochs=3, tune_epochs=3, model=model)
     lean = run_trial(cfg, tmp_path / "lean")
     full = run_trial(cfg.replace(test_every_epoch=True), tmp_path / "full")

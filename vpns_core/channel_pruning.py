@@ -93,7 +93,7 @@ def _root_fn(module: nn.Module) -> Callable:
 class ChannelPruner(nn.Module):
     """Channel groups of ``model``, their importance and gates, and their physical removal.
 
-    ``method`` (a channel method or its registered name) builds the torch-pruning pruner and its
+    ``method`` (a channel method, :mod:`vpns_core.methods.channel`) builds the torch-pruning pruner and its
     importance. ``sparsity`` is the fraction of channels removed (per group with
     ``allocation='layerwise'``, over all groups with ``'global'``). ``ignored`` modules keep their
     output channels (the classifier head: its outputs are the classes). ``reg`` is the sparse
@@ -102,15 +102,12 @@ class ChannelPruner(nn.Module):
     """
 
     def __init__(self, model: nn.Module, example_inputs: Tensor, sparsity: float, *,
-                 method: "ChannelMethod | str" = "vpns_structured", allocation: str = "layerwise",
+                 method: "ChannelMethod", allocation: str = "layerwise",
                  ignored: tuple[nn.Module, ...] = (), reg: float | None = None) -> None:
         super().__init__()
-        from .methods import METHODS  # not at the top: the channel methods import this module
-        if isinstance(method, str):
-            method = METHODS.get(method, "method")
-        if not method.structured:
-            channel = ", ".join(n for n in METHODS.names() if METHODS.get(n).structured)
-            raise ValueError(f"method: '{method.name}' is not a channel method; choose from {channel}")
+        if not getattr(method, "structured", False):
+            raise ValueError(f"method: '{getattr(method, 'name', method)}' is not a channel method; "
+                             f"choose one of vpns_core.methods.channel (vpns_structured, slim, depgraph)")
         if allocation not in CHANNEL_ALLOCATIONS:
             raise ValueError(f"channel_allocation: unknown '{allocation}'; choose from {', '.join(CHANNEL_ALLOCATIONS)}")
         self.model_ref = [model]  # not a submodule: the model is not part of this module's state

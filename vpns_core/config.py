@@ -136,8 +136,8 @@ class Config:
 
     @property
     def effective_vp_stages(self) -> str:
-        from .methods import METHODS
-        return METHODS.get(self.method).vp_stages(self)
+        from .methods import method_for
+        return method_for(self.method).vp_stages(self)
 
     @property
     def prompt_in_mask_stage(self) -> bool:
@@ -167,8 +167,8 @@ class Config:
         only fine-tunes)."""
         if self.mask_file is not None:
             return [("tune", self.stage_epochs("tune"))]
-        from .methods import METHODS
-        return METHODS.get(self.method).stages(self)
+        from .methods import method_for
+        return method_for(self.method).stages(self)
 
     @property
     def total_epochs(self) -> int:
@@ -280,51 +280,18 @@ class Config:
             fail("density_floor", "must be in [0, 1)")
         if self.bn_momentum is not None and not 0.0 < self.bn_momentum <= 1.0:
             fail("bn_momentum", "must be in (0, 1] or None")
-        # the registries import torch: the checks of plain values above answer without it
-        from .data import DATASETS
-        from .methods import METHODS, POST_PROMPTS
-        from .models import is_model_name
-        from .prompts import PROMPTS
-        from .masking import ALLOCATIONS
         choice("vp_stages", VP_STAGES)
         choice("schedule", SCHEDULES)
         choice("head", HEADS)
         choice("device", DEVICES)
-        choice("allocation", ALLOCATIONS)
-        if self.pattern != "unstructured":
-            parts = self.pattern.split(":") if isinstance(self.pattern, str) else []
-            if len(parts) != 2 or not all(p.isdigit() for p in parts) or not 0 < int(parts[0]) < int(parts[1]) <= 32:
-                fail("pattern", "choose unstructured or N:M with 0 < N < M <= 32 (2:4, 1:4, 4:8, ...)")
-            n, m = int(parts[0]), int(parts[1])
-            if abs(self.sparsity - (1 - n / m)) > 1e-9:
-                fail("sparsity", f"a {n}:{m} pattern removes {1 - n / m:g} of each pruned layer's "
-                                 f"weights; set sparsity={1 - n / m:g}")
         choice("channel_allocation", ("layerwise", "global"))
-        choice("prompt", PROMPTS.names())
-        choice("method", METHODS.names())
-        choice("post_prompt", POST_PROMPTS)
         choice("bip_optimizer", ("adam", "sgd"))
-        choice("dataset", DATASETS.names())
-        if not is_model_name(self.model):
-            fail("model", "unknown model; choose from efficientnet_lite0, tiny_resnet or any "
-                          "torchvision classification model (resnet18, resnet50, vgg16, ...)")
-        # Geometry (MISSION.md): pad may exceed the zero border and overlap the image.
-        if self.input_size > self.output_size:
-            fail("input_size", f"must not exceed output_size={self.output_size}")
-        if 2 * self.pad_size > self.output_size:
-            fail("pad_size", f"must be at most output_size/2 = {self.output_size // 2}")
-        if self.prompt_size is not None and self.prompt_size > self.output_size:
-            fail("prompt_size", f"must not exceed output_size={self.output_size}")
-        if self.prompt in ("fix", "random") and self.prompt_size is None and self.pad_size == 0:
-            fail("prompt_size", "needed for fix/random prompts when pad_size is 0")
-        if self.prompt == "pad" and self.pad_size == 0 and self.effective_vp_stages != "none":
-            fail("pad_size", "a pad prompt needs pad_size >= 1 (use prompt='none' for no prompt)")
-        if self.learn_prompt is False and (self.prompt == "none" or self.effective_vp_stages == "none"):
-            fail("learn_prompt", "False freezes a prompt, but this trial feeds none (prompt='none' "
-                                 "or a method without a prompt): leave it True")
         if not isinstance(self.tags, dict):
             fail("tags", "must be a dict of strings")
-        METHODS.get(self.method).validate(self)
+        # the checks against the registries (which import torch) and across fields: after the
+        # checks of plain values above, which answer without torch
+        from .validation import validate
+        validate(self)
 
     def check_resources(self) -> None:
         """:func:`vpns_core.resources.check_resources` of this config (its device, files, data and

@@ -73,6 +73,12 @@ def unsupported_reason(cfg: "Config") -> str | None:
     return None
 
 
+def current_collective() -> "SingleProcess | DataParallel":
+    """The collective of this process: :class:`DataParallel` inside a process group of several
+    ranks, else :class:`SingleProcess`."""
+    return DataParallel.current() or SingleProcess()
+
+
 def check_data_parallel(cfg: "Config", world: int) -> None:
     """``cfg`` can run on ``world`` ranks at its global ``batch_size``.
 
@@ -129,9 +135,59 @@ class ShardedBatches:
                 yield chunk.tolist()
 
 
+class SingleProcess:
+    """The collective of a trial on one process: every operation is the identity, so the loop,
+    evaluation and label mapping call it unconditionally and hold no branch on the rank.
+    :class:`DataParallel` is the same interface over N ranks."""
+
+    rank = 0
+    world = 1
+    is_main = True
+
+    def check(self, cfg: "Config", train_images: int) -> None:
+        """Nothing to check on one process."""
+
+    def device(self, device: torch.device) -> torch.device:
+        return device
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def batch_sampler(self, n: int, batch_size: int, *, train: bool, drop_last: bool,
+                      generator: torch.Generator | None) -> "ShardedBatches | None":
+        """None: the loader batches the whole split itself."""
+        return None
+
+    def crop_draws(self, batch_size: int, rows: int) -> dict[str, int]:
+        """Arguments of :func:`vpns_core.data.random_crop_flip` for this process's rows of a
+        global batch: none (its batch is the global one)."""
+        return {}
+
+    def average_gradients(self, optimizer: torch.optim.Optimizer, loss: Tensor) -> Tensor:
+        """The loss every rank decides on: this process's."""
+        return loss
+
+    def totals(self, *values: Tensor | float, device: torch.device) -> tuple:
+        """Sums over the ranks of ``values``: the values."""
+        return values
+
+    def label_mapping(self, preds: list[Tensor], targets: list[Tensor], num_source: int,
+                      num_target: int, device: torch.device) -> Tensor:
+        """FLM of the predictions and labels this process saw."""
+        from .label_mapping import frequency_label_mapping
+        return frequency_label_mapping(torch.cat(preds), torch.cat(targets), num_source, num_target)
+
+    def start_stage(self, modules: tuple[nn.Module, ...], refresh, digests, where: str) -> None:
+        """Nothing to align."""
+
+    def check_replicas_of(self, digests, where: str) -> None:
+        """Nothing to compare (``digests`` is not even called)."""
+
+
 @dataclass(frozen=True)
 class DataParallel:
-    """This process's place in a data-parallel trial: rank ``rank`` of ``world`` (> 1)."""
+    """This process's place in a data-parallel trial: rank ``rank`` of ``world`` (> 1); the
+    same interface as :class:`SingleProcess`."""
 
     rank: int
     world: int
@@ -151,6 +207,65 @@ class DataParallel:
     def local_batch(self, batch_size: int) -> int:
         """This rank's share of a global training batch (``check_data_parallel`` made it exact)."""
         return batch_size // self.world
+
+    # --- the collective interface (see SingleProcess) ---------------------------------------
+
+    def check(self, cfg: "Config", train_images: int) -> None:
+        """``cfg`` can train on these ranks (method, batch split, at least one global batch)."""
+        check_data_parallel(cfg, self.world)
+        if train_images < cfg.batch_size:
+            raise ConfigError(f"batch_size: {cfg.batch_size} is more than the {train_images} "
+                              f"training images; a trial on {self.world} workers needs at least "
+                              f"one full global batch")
+
+    def device(self, device: torch.device) -> torch.device:
+        """The rank's own GPU when the config names CUDA without an index."""
+        if device.type == "cuda" and device.index is None:
+            return torch.device("cuda", torch.cuda.current_device())
+        return device
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """BatchNorm statistics over the global batch (:func:`sync_batchnorm`)."""
+        return sync_batchnorm(model)
+
+    def batch_sampler(self, n: int, batch_size: int, *, train: bool, drop_last: bool,
+                      generator: torch.Generator | None) -> "ShardedBatches":
+        """This rank's part of every global batch of a split of ``n`` (:class:`ShardedBatches`)."""
+        local = self.local_batch(batch_size) if train else batch_size
+        return ShardedBatches(n, local, self.rank, self.world, shuffle=train, drop_last=drop_last,
+                              generator=generator)
+
+    def crop_draws(self, batch_size: int, rows: int) -> dict[str, int]:
+        """Crops and flips drawn for the whole global batch; this rank takes its rows."""
+        return {"draws": batch_size, "offset": self.rank * rows}
+
+    def totals(self, *values: Tensor | float, device: torch.device) -> Tensor:
+        """``values`` summed over the ranks (float64, one all-reduce)."""
+        return self.sum_scalars(*values, device=device)
+
+    def label_mapping(self, preds: list[Tensor], targets: list[Tensor], num_source: int,
+                      num_target: int, device: torch.device) -> Tensor:
+        """Each rank counted its shard of the mapping images; rank 0 maps the summed counts once
+        and every rank takes its mapping."""
+        from .label_mapping import greedy_mapping, label_counts
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        counts = label_counts(torch.cat(preds) if preds else empty, torch.cat(targets) if targets else empty,
+                              num_source, num_target)
+        counts = self.sum(counts.to(device)).cpu()
+        mapping = greedy_mapping(counts).to(device) if self.is_main else \
+            torch.empty(num_target, dtype=torch.long, device=device)
+        self.broadcast_(mapping)
+        return mapping
+
+    def start_stage(self, modules: tuple[nn.Module, ...], refresh, digests, where: str) -> None:
+        """Every rank starts a stage from rank 0's state (DDP does the same), checked."""
+        self.broadcast_state(*modules)
+        refresh()
+        self.check_replicas(digests(), where)
+
+    def check_replicas_of(self, digests, where: str) -> None:
+        """:meth:`check_replicas` of ``digests()``: one model on every rank, checked, not assumed."""
+        self.check_replicas(digests(), where)
 
     # --- collectives ------------------------------------------------------------------------
 

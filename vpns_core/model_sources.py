@@ -16,6 +16,7 @@ import importlib
 import os
 import re
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
@@ -119,7 +120,6 @@ def _factory(name: str):
 def build(name: str, pretrained: bool, allow_download: bool = False, num_classes: int | None = None):
     """A :class:`vpns_core.models.SourceModel` for a timm or import-path ``name``.
     ``num_classes`` (a checkpoint's head) builds the head at that size."""
-    from .models import SourceModel, head_layer
     if kind(name) == "timm":
         timm = _timm()
         arch = name[len(TIMM_PREFIX):]
@@ -166,3 +166,31 @@ def builder(name: str, num_classes: int) -> dict[str, Any]:
                 "kwargs": {"pretrained": False, "num_classes": num_classes}}
     module_name, _, attr = name.partition(":")
     return {"module": module_name, "call": attr, "args": [], "kwargs": {}}
+
+
+@dataclass
+class SourceModel:
+    """A source classifier and the normalisation its inputs need."""
+
+    module: nn.Module                     # returns logits [B, num_source_classes]
+    mean: tuple[float, float, float]      # per-channel, for inputs in [0, 1]
+    std: tuple[float, float, float]
+    num_source_classes: int               # 1000 for ImageNet models
+    name: str
+
+
+def head_layer(model: nn.Module) -> tuple[str, nn.Linear]:
+    """Qualified name and module of the final classifier ``nn.Linear``.
+
+    timm's ``get_classifier()`` where the model has one; otherwise the last Linear in
+    registration order: torchvision models (all 80 checked in the tests), EfficientNet-Lite and
+    TinyResNet register layers in the order forward() runs them. Raises ``ValueError`` for a model
+    without a Linear head (squeezenet ends in a Conv2d).
+    """
+    named = classifier_name(model)
+    if named is not None:
+        return named, model.get_submodule(named)
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear classifier head")
+    return linears[-1]

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from . import model_sources
+from .model_sources import SourceModel, head_layer  # noqa: F401  (part of this module's API)
 from .registry import Registry, UnknownNameError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -39,17 +40,6 @@ LITE_STD = (0.5, 0.5, 0.5)
 DOWNLOAD_SOCKET_TIMEOUT_S = 15.0
 _ALTERNATIVES = ("run without pretrained weights (--no-pretrained, pretrained=False) or start "
                  "from your own weights (--source-checkpoint PATH, source_checkpoint=PATH)")
-
-
-@dataclass
-class SourceModel:
-    """A source classifier and the normalisation its inputs need."""
-
-    module: nn.Module                     # returns logits [B, num_source_classes]
-    mean: tuple[float, float, float]      # per-channel, for inputs in [0, 1]
-    std: tuple[float, float, float]
-    num_source_classes: int               # 1000 for ImageNet models
-    name: str
 
 
 class WeightsUnavailableError(FileNotFoundError):
@@ -416,23 +406,6 @@ def plain_model(export: dict[str, Any]) -> nn.Module:
 
 
 # --- layer surgery -------------------------------------------------------------------------
-
-
-def head_layer(model: nn.Module) -> tuple[str, nn.Linear]:
-    """Qualified name and module of the final classifier ``nn.Linear``.
-
-    timm's ``get_classifier()`` where the model has one; otherwise the last Linear in
-    registration order: torchvision models (all 80 checked in the tests), EfficientNet-Lite and
-    TinyResNet register layers in the order forward() runs them. Raises ``ValueError`` for a model
-    without a Linear head (squeezenet ends in a Conv2d).
-    """
-    named = model_sources.classifier_name(model)
-    if named is not None:
-        return named, model.get_submodule(named)
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear classifier head")
-    return linears[-1]
 
 
 def first_layer(model: nn.Module) -> tuple[str, nn.Module]:

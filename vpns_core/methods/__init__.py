@@ -1,4 +1,5 @@
-"""Pruning methods, registered by name in ``METHODS``; :mod:`vpns_core.train` owns the one loop.
+"""Pruning methods, registered by name in ``METHODS``; :mod:`vpns_core.loop` owns the one loop;
+a trial creates its own instance of its method.
 
 Each module holds one method (and its "VPNs w. X" variant where the paper has one):
 
@@ -13,9 +14,9 @@ Each module holds one method (and its "VPNs w. X" variant where the paper has on
 
 Each registered method carries its display ``label`` and ``plot_order``, which figures read.
 """
-from .base import METHODS, POST_PROMPTS, Method, PruneThenTrain, register, with_prompt
+from .base import METHODS, POST_PROMPTS, Method, PruneThenTrain, TrialContext, method_for, register, with_prompt
 from . import bip, channel, dense, grasp, lottery, magnitude, random_mask, score, snip, synflow  # noqa: F401  (registers)
 from .score import Hydra, ScoreMethod, VPNs
 
-__all__ = ["METHODS", "POST_PROMPTS", "Method", "PruneThenTrain", "ScoreMethod", "VPNs", "Hydra",
-           "register", "with_prompt"]
+__all__ = ["METHODS", "POST_PROMPTS", "Method", "PruneThenTrain", "ScoreMethod", "TrialContext", "VPNs",
+           "Hydra", "method_for", "register", "with_prompt"]

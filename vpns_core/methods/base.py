@@ -1,35 +1,82 @@
-"""The :class:`Method` interface and the ``METHODS`` registry.
+"""The :class:`Method` interface, the :class:`TrialContext` a method sees, and the ``METHODS``
+registry.
 
 A method answers *which weights* (an importance → mask, or learned scores) and *when* (once,
-iteratively, learned); :class:`vpns_core.train.Trial` owns the one training loop. ``run(trial)``
-calls the trial's stages (``trial.run_stage`` / ``trial.run_tune_stage``) and untrained steps
-(``trial.run_once``); ``stages(cfg)`` lists the training stages it will run, with their epochs.
+iteratively, learned); :mod:`vpns_core.loop` owns the one training loop. Methods are registered
+as classes (like timm's ``@register_model``) and created once per ctx, so per-ctx state (the
+channel methods' dependency groups) lives in the method. ``run(ctx)`` calls the context's stages
+(``ctx.run_stage`` / ``ctx.run_tune_stage``) and untrained steps (``ctx.run_once``);
+``stages(cfg)`` lists the training stages it will run, with their epochs.
 
-The trial also calls a few hooks at fixed points of its loop (``setup``, ``sparsity_report``,
-``checkpoint_state`` / ``restore``, ``export_entries``, ``final_metrics``); their defaults serve
-the weight methods (masks in :class:`vpns_core.masking.MaskedNetwork`), and the channel methods
+The ctx also calls a few hooks at fixed points (``setup``, ``sparsity_report``,
+``checkpoint_state`` / ``restore``, ``export_entries``, ``final_metrics``), each given the
+context; their defaults serve the weight methods (masks in
+:class:`vpns_core.masking.MaskedNetwork`), and the channel methods
 (:mod:`vpns_core.methods.channel`) override them. ``label`` and ``plot_order`` are how figures
 name and order the method.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import ConfigError
 from ..registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..config import Config
-    from ..train import Trial
+    import torch
+    from torch import Tensor, nn
 
-METHODS: Registry["Method"] = Registry("method")
+    from ..config import Config
+    from ..masking import MaskedNetwork
+    from ..prompts import Prompt
+
+METHODS: Registry[type["Method"]] = Registry("method")
 POST_PROMPTS = ("none", "zero_shot", "fine_tune")
 
 
+class TrialContext(Protocol):
+    """What a method may use of its ctx (:class:`vpns_core.train.Context`), and nothing else."""
+
+    cfg: "Config"
+    device: "torch.device"
+    net: "MaskedNetwork"          # the weight masks over ``model``
+    model: "nn.Module"            # the network (its head included)
+    prompt: "Prompt"
+    head_name: str
+    num_classes: int              # target classes
+    num_source_classes: int       # classes of the pretrained head
+    amp_dtype: "torch.dtype | None"
+    scaler: "torch.amp.GradScaler"
+    mask_file_masks: "dict[str, Tensor] | None"  # the masks of ``cfg.mask_file`` (transfer)
+
+    def run_stage(self, stage: str, groups: list[dict], *, optimizer: str, epochs: int, prompted: bool,
+                  recalibrate: bool = False, step: Callable | None = None, extra_metrics: dict | None = None,
+                  after_backward: Callable[[], None] | None = None) -> None: ...
+    def run_tune_stage(self, stage: str = "tune", **kwargs: Any) -> None: ...
+    def run_once(self, name: str, fn: Callable[[], None]) -> None: ...
+    def stage_pending(self, stage: str) -> bool: ...
+    def count_passes(self, forward: int = 0, backward: int = 0) -> None: ...
+    def count_steps(self, steps: int) -> None: ...
+    def forward(self, x: "Tensor", prompted: bool) -> "Tensor": ...
+    def autocast(self) -> Any: ...
+    def rewind(self) -> None: ...
+    def head_groups(self, lr: float) -> list[dict]: ...
+    def prompt_groups(self, lr: float) -> list[dict]: ...
+    def scoring_batches(self, n: int) -> list[tuple["Tensor", "Tensor"]]: ...
+    def first_images(self, n: int) -> "Tensor": ...
+    def compute_label_mapping(self, prompted: bool) -> "Tensor": ...
+
+
 def register(cls: type["Method"]) -> type["Method"]:
-    """Class decorator: register one instance of ``cls`` under ``cls.name``."""
-    METHODS.add(cls.name, cls())
+    """Class decorator: register ``cls`` under ``cls.name`` (a trial creates its own instance)."""
+    METHODS.add(cls.name, cls)
     return cls
+
+
+def method_for(name: str) -> "Method":
+    """A fresh instance of the method registered as ``name`` (to ask it about a config)."""
+    return METHODS.get(name, "method")()
 
 
 class Method:
@@ -84,51 +131,51 @@ class Method:
                               f"(N:M works with the score methods and the one-shot rankers); "
                               f"got pattern={cfg.pattern!r}")
 
-    def run(self, trial: "Trial") -> None:
+    def run(self, ctx: "TrialContext") -> None:
         raise NotImplementedError
 
-    def transfer(self, trial: "Trial") -> None:
+    def transfer(self, ctx: "TrialContext") -> None:
         """Fine-tune the mask of ``cfg.mask_file`` (found by any method, on any task) instead of
         finding one: the same tune stage as after this method's own pruning, prompt included."""
-        if trial.net.mode != "fixed":
-            trial.net.fix(trial.mask_file_masks)
-        trial.run_tune_stage()
+        if ctx.net.mode != "fixed":
+            ctx.net.fix(ctx.mask_file_masks)
+        ctx.run_tune_stage()
 
-    # --- hooks of the trial's loop (defaults: weight masks) ---------------------------------
+    # --- hooks of the trial (defaults: weight masks) ---------------------------------
 
     def weight_sparsity(self, cfg: "Config") -> float:
         """Sparsity of the trial's weight masks (``MaskedNetwork``): ``cfg.sparsity`` for a
         weight pruner, 0 for a method that keeps every weight."""
         return cfg.sparsity if self.prunes else 0.0
 
-    def setup(self, trial: "Trial") -> None:
+    def setup(self, ctx: "TrialContext") -> None:
         """Called once the model and its weight masks are built, before a checkpoint is restored."""
 
-    def sparsity_report(self, trial: "Trial") -> dict[str, float]:
+    def sparsity_report(self, ctx: "TrialContext") -> dict[str, float]:
         """``sparsity`` (the method's own), ``sparsity_all_layers`` and ``min_layer_density`` of
         the model now: an epoch row's sparsity columns."""
-        if trial.net.mode != "dense":
-            return trial.net.sparsity_report()
+        if ctx.net.mode != "dense":
+            return ctx.net.sparsity_report()
         return {"sparsity": 0.0, "sparsity_all_layers": 0.0, "min_layer_density": 1.0}
 
-    def checkpoint_state(self, trial: "Trial") -> dict[str, Any]:
+    def checkpoint_state(self, ctx: "TrialContext") -> dict[str, Any]:
         """Entries the method adds to the trial's checkpoint (weights_only-safe values)."""
         return {}
 
-    def restore(self, trial: "Trial", state: dict[str, Any]) -> None:
+    def restore(self, ctx: "TrialContext", state: dict[str, Any]) -> None:
         """Restore what :meth:`checkpoint_state` saved, from the whole checkpoint ``state``, on the
-        freshly built trial, before its model's state dict is loaded."""
+        freshly built ctx, before its model's state dict is loaded."""
 
-    def export_entries(self, trial: "Trial") -> dict[str, Any]:
+    def export_entries(self, ctx: "TrialContext") -> dict[str, Any]:
         """Entries the method adds to ``model_export.pt``: by default how to rebuild the plain
         network without vpns (``scripts/load_pruned.py``), its builder and the channel counts of
         every Conv/Linear/BatchNorm (a new linear head's included)."""
         from ..channel_pruning import architecture
         from ..models import builder_spec
-        return {"architecture": architecture(trial.model),
-                "builder": builder_spec(trial.cfg.model, trial.source.num_source_classes)}
+        return {"architecture": architecture(ctx.model),
+                "builder": builder_spec(ctx.cfg.model, ctx.num_source_classes)}
 
-    def final_metrics(self, trial: "Trial") -> dict[str, Any]:
+    def final_metrics(self, ctx: "TrialContext") -> dict[str, Any]:
         """Metrics the method adds to the trial's final row."""
         return {}
 
@@ -136,7 +183,7 @@ class Method:
 class PruneThenTrain(Method):
     """Score once at the pretrained weights, keep the top-k (``cfg.allocation``), fine-tune.
 
-    Subclasses give ``importance(trial)``: one tensor per prunable layer, the weight's shape,
+    Subclasses give ``importance(ctx)``: one tensor per prunable layer, the weight's shape,
     larger = keep. The fine-tuning stage is SGD + cosine on weights (and prompt where used).
     """
 
@@ -144,15 +191,15 @@ class PruneThenTrain(Method):
         stages = super().vp_stages(cfg)
         return {"both": "tune", "mask": "none"}.get(stages, stages)  # no mask-finding training
 
-    def importance(self, trial: "Trial") -> list:
+    def importance(self, ctx: "TrialContext") -> list:
         raise NotImplementedError
 
-    def prune(self, trial: "Trial") -> None:
-        trial.net.fix(trial.net.top_k_masks(self.importance(trial)))
+    def prune(self, ctx: "TrialContext") -> None:
+        ctx.net.fix(ctx.net.top_k_masks(self.importance(ctx)))
 
-    def run(self, trial: "Trial") -> None:
-        trial.run_once("prune", lambda: self.prune(trial))
-        trial.run_tune_stage()
+    def run(self, ctx: "TrialContext") -> None:
+        ctx.run_once("prune", lambda: self.prune(ctx))
+        ctx.run_tune_stage()
 
 
 def with_prompt(cls: type[Method]) -> type[Method]:

@@ -19,7 +19,7 @@ from .score import mask_stage_groups
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import Config
     from ..masking import MaskedNetwork
-    from ..train import Trial
+    from .base import TrialContext
 
 
 def _unscaled_grad(loss: Tensor, params: Sequence[Tensor], scaler=None) -> list[Tensor | None]:
@@ -66,13 +66,13 @@ class BilevelStep:
     """One BiP iteration, used as the ``step`` of :meth:`Trial.run_stage`: the stage optimiser
     holds the scores (and the prompt where used) and applies the upper-level update after it."""
 
-    def __init__(self, trial: "Trial") -> None:
-        self.trial = trial
-        scores = {id(s) for s in trial.net.scores()}
-        self.weights = [p for p in trial.model.parameters() if id(p) not in scores]  # θ: all weights
+    def __init__(self, ctx: "TrialContext") -> None:
+        self.ctx = ctx
+        scores = {id(s) for s in ctx.net.scores()}
+        self.weights = [p for p in ctx.model.parameters() if id(p) not in scores]  # θ: all weights
 
     def __call__(self, x: Tensor, y: Tensor, prompted: bool, opt: torch.optim.Optimizer) -> tuple[Tensor, Tensor]:
-        trial, cfg = self.trial, self.trial.cfg
+        ctx, cfg = self.ctx, self.ctx.cfg
         for p in self.weights:
             p.requires_grad_(True)
         # Algorithm A1, lower level: one SGD step with the mask m_t fixed,
@@ -80,12 +80,12 @@ class BilevelStep:
         # Under fp16 both levels take their gradients on the loss scaled by the trial's
         # GradScaler; an overflow skips the iteration and backs the scale off, as the scaler
         # does for the other methods.
-        scaler = trial.scaler
-        with trial.autocast():
-            logits = trial.forward(x, prompted).float()
+        scaler = ctx.scaler
+        with ctx.autocast():
+            logits = ctx.forward(x, prompted).float()
             loss = F.cross_entropy(logits, y)
         grads = _unscaled_grad(loss, self.weights, scaler)
-        trial.count_passes(forward=1, backward=1)
+        ctx.count_passes(forward=1, backward=1)
         if scaler.is_enabled() and not _finite(grads):
             scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
             return loss.detach(), logits.detach()
@@ -98,14 +98,14 @@ class BilevelStep:
         # Algorithm A1, upper level (line 5): the implicit gradient at (m_t, θ_{t+1}), applied to
         # the scores by the stage optimiser (cfg.bip_optimizer) right after this call; the
         # projection onto k-sparse binary masks is the top-k of the next forward pass.
-        with trial.autocast():
-            logits = trial.forward(x, prompted).float()
+        with ctx.autocast():
+            logits = ctx.forward(x, prompted).float()
             loss = F.cross_entropy(logits, y)
-        scores = trial.net.scores()
+        scores = ctx.net.scores()
         others = [p for g in opt.param_groups for p in g["params"] if all(p is not s for s in scores)]
-        upper, other_grads = upper_level_gradient(loss, trial.net, cfg.bip_implicit_lr, others, scaler)
-        trial.count_passes(forward=1, backward=1)
-        trial.grad_steps += 1  # the lower-level step; the stage counts the upper one
+        upper, other_grads = upper_level_gradient(loss, ctx.net, cfg.bip_implicit_lr, others, scaler)
+        ctx.count_passes(forward=1, backward=1)
+        ctx.count_steps(1)  # the lower-level step; the stage counts the upper one
         if scaler.is_enabled() and not _finite(upper + other_grads):
             scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
             return loss, logits  # no .grad set: the optimiser step changes nothing
@@ -134,10 +134,10 @@ class BiP(Method):
     def stages(self, cfg: "Config") -> list[tuple[str, int]]:
         return [("mask", cfg.stage_epochs("mask")), ("tune", cfg.stage_epochs("tune"))]
 
-    def run(self, trial: "Trial") -> None:
-        cfg = trial.cfg
-        if trial.stage_pending("mask"):
-            trial.run_stage("mask", mask_stage_groups(trial, head=False), optimizer=cfg.bip_optimizer, epochs=cfg.stage_epochs("mask"),
-                            prompted=cfg.prompt_in_mask_stage, step=BilevelStep(trial))
-        trial.net.fix()
-        trial.run_tune_stage()
+    def run(self, ctx: "TrialContext") -> None:
+        cfg = ctx.cfg
+        if ctx.stage_pending("mask"):
+            ctx.run_stage("mask", mask_stage_groups(ctx, head=False), optimizer=cfg.bip_optimizer, epochs=cfg.stage_epochs("mask"),
+                            prompted=cfg.prompt_in_mask_stage, step=BilevelStep(ctx))
+        ctx.net.fix()
+        ctx.run_tune_stage()

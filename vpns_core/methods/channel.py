@@ -22,7 +22,7 @@ from .base import Method, register
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import Config
-    from ..train import Trial
+    from .base import TrialContext
 
 MAX_CHANNEL_SPARSITY = 0.9
 #: images whose logits must not change when the gated channels are removed
@@ -40,6 +40,10 @@ class ChannelMethod(Method):
     structured = True
     #: whether the warm-up adds the pruner's sparse-training penalty (``pruner.regularize``)
     sparse_training = False
+
+    def __init__(self) -> None:
+        #: this trial's dependency groups, gates and physical removal (built by ``setup``)
+        self.channels: ChannelPruner | None = None
 
     # --- which channels: torch-pruning importance and pruner ------------------------------
 
@@ -69,72 +73,72 @@ class ChannelMethod(Method):
             raise ConfigError(f"mask_file: weight masks cannot be transferred to channel method "
                               f"'{self.name}' (got {cfg.mask_file!r})")
 
-    def warmup(self, trial: "Trial", prompted: bool) -> None:
-        cfg = trial.cfg
-        if cfg.warmup_epochs and trial.stage_pending("warmup"):
-            trial.run_tune_stage("warmup", epochs=cfg.warmup_epochs, prompted=prompted,
-                                 after_backward=trial.channels.regularize)
+    def warmup(self, ctx: "TrialContext", prompted: bool) -> None:
+        cfg = ctx.cfg
+        if cfg.warmup_epochs and ctx.stage_pending("warmup"):
+            ctx.run_tune_stage("warmup", epochs=cfg.warmup_epochs, prompted=prompted,
+                                 after_backward=self.channels.regularize)
 
-    def select(self, trial: "Trial") -> None:
+    def select(self, ctx: "TrialContext") -> None:
         """Set the channel plan (torch-pruning's choice under this method's importance) and
         remove those channels."""
-        self.remove(trial, trial.channels.plan())
+        self.remove(ctx, self.channels.plan())
 
-    def remove(self, trial: "Trial", plan: dict[str, list[int]]) -> None:
+    def remove(self, ctx: "TrialContext", plan: dict[str, list[int]]) -> None:
         """Remove the channels of ``plan``, checking on prompted training images that the smaller
         model computes the logits of the gated one (``removal_max_abs_diff``)."""
-        x = trial.prompt(trial.first_images(REMOVAL_CHECK_IMAGES), enabled=True)
-        trial.channels.remove_checked(plan, x)
+        x = ctx.prompt(ctx.first_images(REMOVAL_CHECK_IMAGES), enabled=True)
+        self.channels.remove_checked(plan, x)
 
-    def run(self, trial: "Trial") -> None:
-        self.warmup(trial, prompted=False)
-        trial.run_once("prune", lambda: self.select(trial))
-        trial.run_tune_stage()
+    def run(self, ctx: "TrialContext") -> None:
+        self.warmup(ctx, prompted=False)
+        ctx.run_once("prune", lambda: self.select(ctx))
+        ctx.run_tune_stage()
 
-    # --- hooks of the trial's loop ----------------------------------------------------------
+    # --- hooks of the trial ----------------------------------------------------------
 
     def weight_sparsity(self, cfg: "Config") -> float:
         return 0.0  # no weight masks: whole channels go
 
-    def setup(self, trial: "Trial") -> None:
-        """torch-pruning's dependency groups of the trial's model (``trial.channels``); the
+    def setup(self, ctx: "TrialContext") -> None:
+        """torch-pruning's dependency groups of the trial's model (``self.channels``); the
         classifier head keeps its outputs."""
-        cfg = trial.cfg
-        trial.channels = ChannelPruner(
-            trial.model, torch.zeros(1, 3, cfg.output_size, cfg.output_size, device=trial.device),
+        cfg = ctx.cfg
+        self.channels = ChannelPruner(
+            ctx.model, torch.zeros(1, 3, cfg.output_size, cfg.output_size, device=ctx.device),
             cfg.sparsity, method=self, allocation=cfg.channel_allocation,
-            ignored=(dict(trial.model.named_modules())[trial.head_name],), reg=cfg.channel_reg)
+            ignored=(dict(ctx.model.named_modules())[ctx.head_name],), reg=cfg.channel_reg)
 
-    def sparsity_report(self, trial: "Trial") -> dict[str, float]:
+    def sparsity_report(self, ctx: "TrialContext") -> dict[str, float]:
         """``sparsity`` is the channel sparsity; ``sparsity_all_layers`` the parameters gone."""
-        ch = trial.channels
+        ch = self.channels
         report = ch.report()
         return {"sparsity": report["channel_sparsity"],
-                "sparsity_all_layers": 1.0 - count_parameters(trial.model) / ch.dense_params,
+                "sparsity_all_layers": 1.0 - count_parameters(ctx.model) / ch.dense_params,
                 "min_layer_density": report["min_group_density"]}
 
-    def checkpoint_state(self, trial: "Trial") -> dict[str, Any]:
-        return {"channels": trial.channels.state(),
-                "removal_max_abs_diff": trial.channels.removal_max_abs_diff}
+    def checkpoint_state(self, ctx: "TrialContext") -> dict[str, Any]:
+        return {"channels": self.channels.state(),
+                "removal_max_abs_diff": self.channels.removal_max_abs_diff}
 
-    def restore(self, trial: "Trial", state: dict[str, Any]) -> None:
+    def restore(self, ctx: "TrialContext", state: dict[str, Any]) -> None:
         if state.get("channels"):
-            trial.channels.load_state(state["channels"])  # re-remove channels / re-attach scores
-        trial.channels.removal_max_abs_diff = state.get("removal_max_abs_diff")
+            self.channels.load_state(state["channels"])  # re-remove channels / re-attach scores
+        self.channels.removal_max_abs_diff = state.get("removal_max_abs_diff")
 
-    def final_metrics(self, trial: "Trial") -> dict[str, Any]:
+    def final_metrics(self, ctx: "TrialContext") -> dict[str, Any]:
         """Dense vs pruned: parameters, FLOPs, latency/throughput at batch 1 and 64, peak memory,
         training step time and memory, measured one after the other here (``cfg.measure_repeats``
         timed runs each; 0 skips the timing); and ``removal_max_abs_diff``."""
-        cfg, ch = trial.cfg, trial.channels
+        cfg, ch = ctx.cfg, self.channels
         if cfg.measure_repeats:
             dense = build_model(cfg.model, pretrained=False).module
             if cfg.head == "linear":
-                replace_head(dense, trial.data.num_classes)
-            out = compare(dense, trial.model, cfg.output_size, device=trial.device,
-                          repeats=cfg.measure_repeats, amp_dtype=trial.amp_dtype)
+                replace_head(dense, ctx.num_classes)
+            out = compare(dense, ctx.model, cfg.output_size, device=ctx.device,
+                          repeats=cfg.measure_repeats, amp_dtype=ctx.amp_dtype)
         else:
-            pruned = count_parameters(trial.model)
+            pruned = count_parameters(ctx.model)
             out = {"dense_params": float(ch.dense_params), "pruned_params": float(pruned),
                    "params_ratio": pruned / ch.dense_params}
         out["removal_max_abs_diff"] = ch.removal_max_abs_diff
@@ -211,16 +215,16 @@ class VPNsStructured(ChannelMethod):
         warmup = [("warmup", cfg.warmup_epochs)] if cfg.warmup_epochs else []
         return warmup + [("mask", cfg.stage_epochs("mask")), ("tune", cfg.stage_epochs("tune"))]
 
-    def run(self, trial: "Trial") -> None:
-        cfg = trial.cfg
-        self.warmup(trial, prompted=cfg.prompt_in_mask_stage)
-        if trial.stage_pending("mask"):
-            ch = trial.channels
+    def run(self, ctx: "TrialContext") -> None:
+        cfg = ctx.cfg
+        self.warmup(ctx, prompted=cfg.prompt_in_mask_stage)
+        if ctx.stage_pending("mask"):
+            ch = self.channels
             scores = ch.attach_scores() if not len(ch.scores) else list(ch.scores.values())
-            groups = [{"params": scores, "lr": cfg.mask_lr}] + trial.head_groups(cfg.mask_lr)
+            groups = [{"params": scores, "lr": cfg.mask_lr}] + ctx.head_groups(cfg.mask_lr)
             if cfg.prompt_in_mask_stage:
-                groups += trial.prompt_groups(cfg.mask_prompt_lr or cfg.mask_lr)
-            trial.run_stage("mask", groups, optimizer="adam", epochs=cfg.stage_epochs("mask"),
+                groups += ctx.prompt_groups(cfg.mask_prompt_lr or cfg.mask_lr)
+            ctx.run_stage("mask", groups, optimizer="adam", epochs=cfg.stage_epochs("mask"),
                             prompted=cfg.prompt_in_mask_stage)
-        trial.run_once("prune", lambda: self.select(trial))
-        trial.run_tune_stage()
+        ctx.run_once("prune", lambda: self.select(ctx))
+        ctx.run_tune_stage()

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 from .base import Method, register
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..train import Trial
+    from .base import TrialContext
 
 
 @register
@@ -19,5 +19,5 @@ class Dense(Method):
     prunes = False
     uses_prompt = True
 
-    def run(self, trial: "Trial") -> None:
-        trial.run_tune_stage()
+    def run(self, ctx: "TrialContext") -> None:
+        ctx.run_tune_stage()

@@ -12,7 +12,7 @@ from .base import PruneThenTrain, register
 from .snip import Forward, data_scoring_setup
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..train import Trial
+    from .base import TrialContext
 
 
 def grasp_scores(forward: Forward, weights: list[Tensor], batches: Iterable[tuple[Tensor, Tensor]],
@@ -51,8 +51,8 @@ class GraSP(PruneThenTrain):
     label = "GraSP"
     plot_order = 17
 
-    def importance(self, trial: "Trial") -> list[Tensor]:
-        forward, weights, batches = data_scoring_setup(trial)
-        scores = grasp_scores(forward, weights, batches, trial.cfg.grasp_temperature)
-        trial.count_passes(forward=2 * len(batches), backward=3 * len(batches))
+    def importance(self, ctx: "TrialContext") -> list[Tensor]:
+        forward, weights, batches = data_scoring_setup(ctx)
+        scores = grasp_scores(forward, weights, batches, ctx.cfg.grasp_temperature)
+        ctx.count_passes(forward=2 * len(batches), backward=3 * len(batches))
         return [-s for s in scores]

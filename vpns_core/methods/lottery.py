@@ -10,7 +10,7 @@ from .base import Method, register, with_prompt
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import Config
-    from ..train import Trial
+    from .base import TrialContext
 
 
 def lth_rounds(sparsity: float, rate: float = 0.2) -> int:
@@ -58,26 +58,26 @@ class LotteryTicket(Method):
         e = self.epochs_per_round(cfg)
         return [(f"round{k}", e) for k in range(self.rounds(cfg))] + [("tune", cfg.stage_epochs("tune"))]
 
-    def run(self, trial: "Trial") -> None:
-        cfg = trial.cfg
+    def run(self, ctx: "TrialContext") -> None:
+        cfg = ctx.cfg
         rounds = self.rounds(cfg)
         for k in range(rounds):
-            trial.run_tune_stage(f"round{k}", epochs=self.epochs_per_round(cfg),
+            ctx.run_tune_stage(f"round{k}", epochs=self.epochs_per_round(cfg),
                                  prompted=cfg.prompt_in_mask_stage, extra_metrics={"round": k})
-            trial.run_once(f"prune{k + 1}", lambda k=k: self.prune_and_rewind(trial, k + 1))
-        trial.run_tune_stage(extra_metrics={"round": rounds})
+            ctx.run_once(f"prune{k + 1}", lambda k=k: self.prune_and_rewind(ctx, k + 1))
+        ctx.run_tune_stage(extra_metrics={"round": rounds})
 
-    def prune_and_rewind(self, trial: "Trial", k: int) -> None:
+    def prune_and_rewind(self, ctx: "TrialContext", k: int) -> None:
         """Round ``k``: keep the largest trained magnitudes among the survivors at sparsity
         ``round_sparsity(k)``, then rewind all weights to the pretrained values (masked)."""
-        net = trial.net
+        net = ctx.net
         with torch.no_grad():
             importance = [m.weight.detach().abs() for _, m in net.layers]
             if net.mode == "fixed":  # pruned weights never come back
                 importance = [v.masked_fill(~m.weight_mask, float("-inf"))
                               for v, (_, m) in zip(importance, net.layers)]
-        masks = net.top_k_masks(importance, sparsity=round_sparsity(k, trial.cfg.sparsity, trial.cfg.lth_rate))
-        trial.rewind()
+        masks = net.top_k_masks(importance, sparsity=round_sparsity(k, ctx.cfg.sparsity, ctx.cfg.lth_rate))
+        ctx.rewind()
         net.fix(masks)
 
 

@@ -8,7 +8,7 @@ import torch
 from .base import PruneThenTrain, register, with_prompt
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..train import Trial
+    from .base import TrialContext
 
 
 @register
@@ -23,8 +23,8 @@ class OneShotMagnitude(PruneThenTrain):
     label = "OMP"
     plot_order = 14
 
-    def importance(self, trial: "Trial") -> list[torch.Tensor]:
-        return [m.weight.detach().abs() for _, m in trial.net.layers]
+    def importance(self, ctx: "TrialContext") -> list[torch.Tensor]:
+        return [m.weight.detach().abs() for _, m in ctx.net.layers]
 
 
 register(with_prompt(OneShotMagnitude))

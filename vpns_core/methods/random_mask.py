@@ -8,7 +8,7 @@ import torch
 from .base import PruneThenTrain, register, with_prompt
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..train import Trial
+    from .base import TrialContext
 
 
 @register
@@ -25,9 +25,9 @@ class RandomPruning(PruneThenTrain):
     label = "Random"
     plot_order = 13
 
-    def importance(self, trial: "Trial") -> list[torch.Tensor]:
-        gen = torch.Generator().manual_seed(trial.cfg.seed)
-        return [torch.rand(m.weight.shape, generator=gen) for _, m in trial.net.layers]
+    def importance(self, ctx: "TrialContext") -> list[torch.Tensor]:
+        gen = torch.Generator().manual_seed(ctx.cfg.seed)
+        return [torch.rand(m.weight.shape, generator=gen) for _, m in ctx.net.layers]
 
 
 register(with_prompt(RandomPruning))

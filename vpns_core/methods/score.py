@@ -7,7 +7,7 @@ from .base import Method, register
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import Config
-    from ..train import Trial
+    from .base import TrialContext
 
 
 class ScoreMethod(Method):
@@ -21,26 +21,26 @@ class ScoreMethod(Method):
     def stages(self, cfg: "Config") -> list[tuple[str, int]]:
         return [("mask", cfg.stage_epochs("mask")), ("tune", cfg.stage_epochs("tune"))]
 
-    def run(self, trial: "Trial") -> None:
-        cfg = trial.cfg
-        if trial.stage_pending("mask"):
-            trial.run_stage("mask", mask_stage_groups(trial), optimizer="adam", epochs=cfg.stage_epochs("mask"),
+    def run(self, ctx: "TrialContext") -> None:
+        cfg = ctx.cfg
+        if ctx.stage_pending("mask"):
+            ctx.run_stage("mask", mask_stage_groups(ctx), optimizer="adam", epochs=cfg.stage_epochs("mask"),
                             prompted=cfg.prompt_in_mask_stage)
-        trial.net.fix()
-        trial.run_tune_stage()
+        ctx.net.fix()
+        ctx.run_tune_stage()
 
 
 
-def mask_stage_groups(trial: "Trial", head: bool = True) -> list[dict]:
+def mask_stage_groups(ctx: "TrialContext", head: bool = True) -> list[dict]:
     """Mask finding's parameter groups at ``cfg.mask_lr``: the scores (attached on first use),
     a learned head's parameters (``head``), and the prompt where VP is on in this stage."""
-    cfg = trial.cfg
-    scores = trial.net.attach_scores() if trial.net.mode == "dense" else trial.net.scores()
+    cfg = ctx.cfg
+    scores = ctx.net.attach_scores() if ctx.net.mode == "dense" else ctx.net.scores()
     groups = [{"params": scores, "lr": cfg.mask_lr}]
     if head:
-        groups += trial.head_groups(cfg.mask_lr)
+        groups += ctx.head_groups(cfg.mask_lr)
     if cfg.prompt_in_mask_stage:
-        groups += trial.prompt_groups(cfg.mask_prompt_lr or cfg.mask_lr)
+        groups += ctx.prompt_groups(cfg.mask_prompt_lr or cfg.mask_lr)
     return groups
 
 @register

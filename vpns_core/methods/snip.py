@@ -11,7 +11,7 @@ from torch import Tensor
 from .base import PruneThenTrain, register
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..train import Trial
+    from .base import TrialContext
 
 Forward = Callable[[Tensor], Tensor]
 
@@ -31,17 +31,17 @@ def snip_scores(forward: Forward, weights: list[Tensor], batches: Iterable[tuple
     return [(w.detach() * g).abs() for w, g in zip(weights, grads)]
 
 
-def data_scoring_setup(trial: "Trial") -> tuple[Forward, list[Tensor], list[tuple[Tensor, Tensor]]]:
+def data_scoring_setup(ctx: "TrialContext") -> tuple[Forward, list[Tensor], list[tuple[Tensor, Tensor]]]:
     """What data-driven scores need: the unprompted forward in eval mode (BatchNorm statistics are
     left untouched) with a provisional label mapping of the dense model (recomputed after
     pruning, as for every method), the prunable weights, and ``cfg.prune_batches`` training
     batches (test-time transform) drawn with ``cfg.seed``."""
-    trial.compute_label_mapping(prompted=False)
-    trial.model.eval()
-    weights = [m.weight for _, m in trial.net.layers]
+    ctx.compute_label_mapping(prompted=False)
+    ctx.model.eval()
+    weights = [m.weight for _, m in ctx.net.layers]
     for w in weights:
         w.requires_grad_(True)
-    return (lambda x: trial.forward(x, prompted=False)), weights, trial.scoring_batches(trial.cfg.prune_batches)
+    return (lambda x: ctx.forward(x, prompted=False)), weights, ctx.scoring_batches(ctx.cfg.prune_batches)
 
 
 @register
@@ -54,8 +54,8 @@ class SNIP(PruneThenTrain):
     label = "SNIP"
     plot_order = 16
 
-    def importance(self, trial: "Trial") -> list[Tensor]:
-        forward, weights, batches = data_scoring_setup(trial)
+    def importance(self, ctx: "TrialContext") -> list[Tensor]:
+        forward, weights, batches = data_scoring_setup(ctx)
         scores = snip_scores(forward, weights, batches)
-        trial.count_passes(forward=len(batches), backward=len(batches))
+        ctx.count_passes(forward=len(batches), backward=len(batches))
         return scores

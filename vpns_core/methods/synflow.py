@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from .base import PruneThenTrain, register
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..train import Trial
+    from .base import TrialContext
 
 
 class Linearised:
@@ -60,9 +60,9 @@ class SynFlow(PruneThenTrain):
     label = "SynFlow"
     plot_order = 18
 
-    def prune(self, trial: "Trial") -> None:
-        cfg, net = trial.cfg, trial.net
-        flow = Linearised(trial.model, [n for n, _ in net.layers], (3, cfg.output_size, cfg.output_size))
+    def prune(self, ctx: "TrialContext") -> None:
+        cfg, net = ctx.cfg, ctx.net
+        flow = Linearised(ctx.model, [n for n, _ in net.layers], (3, cfg.output_size, cfg.output_size))
         masks: list[Tensor] | None = None
         n = cfg.synflow_iterations
         for k in range(1, n + 1):
@@ -72,5 +72,5 @@ class SynFlow(PruneThenTrain):
             sparsity = cfg.sparsity if k == n else 1.0 - (1.0 - cfg.sparsity) ** (k / n)
             chosen = net.top_k_masks(scores, sparsity=sparsity)
             masks = [chosen[name] for name, _ in net.layers]
-        trial.count_passes(forward=n, backward=n)
+        ctx.count_passes(forward=n, backward=n)
         net.fix(dict(zip([name for name, _ in net.layers], masks)))
