@@ -164,7 +164,7 @@ def test_local_ray_starts_without_dashboard(tmp_path, monkeypatch):
 
 
 def test_documented_commands_bind_loopback_only():
-    docs = [ROOT / "README.md", *sorted((ROOT / "cluster").glob("*")), *sorted((ROOT / "scripts").glob("*.sh"))]
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "cluster").glob("*")), *sorted((ROOT / "scripts").glob("*.sh"))]
     text = "\n".join(p.read_text() for p in docs if p.is_file())
     assert "0.0.0.0" not in text
     for line in text.splitlines():
