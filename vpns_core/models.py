@@ -18,7 +18,6 @@ import importlib
 import os
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
