@@ -108,11 +108,13 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def runtime_fields(args: argparse.Namespace, preset_workers: int = 0) -> dict[str, Any]:
+def runtime_fields(args: argparse.Namespace, preset_workers: int | None = None) -> dict[str, Any]:
     """Per-trial runtime: one torch thread per reserved CPU (oversubscribed threads are up to
     60x slower when trials share cores), CUDA when GPUs are reserved, never download in a trial,
     and no more data-loading workers than the reserved CPUs leave beside the training process
-    (the preset's count at most)."""
+    (the preset's count at most; a preset without one: the trial's automatic count, which is
+    that many for splits read from files and none for splits in memory)."""
     threads = max(1, math.floor(args.cpus_per_trial))
+    workers = None if preset_workers is None else min(preset_workers, threads - 1)
     return {"num_threads": threads, "device": "cuda" if args.gpus_per_trial > 0 else "cpu",
-            "download": False, "num_workers": min(preset_workers, threads - 1)}
+            "download": False, "num_workers": workers}

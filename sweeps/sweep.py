@@ -144,7 +144,7 @@ class Sweep:
                                          "num_samples": args.num_samples if custom else None})
         overrides = parse_overrides(args.set)
         check_set_against_space(overrides, space)
-        fixed = {**base, **runtime_fields(args, base.get("num_workers", 0)), **overrides}
+        fixed = {**base, **runtime_fields(args, base.get("num_workers")), **overrides}
         if args.data_root:
             fixed["data_root"] = str(Path(args.data_root).resolve())
         fixed["tags"] = {**fixed.get("tags", {}), "sweep": self.name, "preset": self.preset}

@@ -80,7 +80,7 @@ def _bip_trial(tmp_path, scaler):
     from vpns_core.train import Trial
     trial = Trial(tiny(method="bip", tune_epochs=0, mask_lr=0.1), tmp_path)
     if scaler is not None:
-        trial.scaler = scaler  # the fp16 path's loss scaling, run on the CPU
+        trial.loop.scaler = scaler  # the fp16 path's loss scaling, run on the CPU
     return trial
 
 

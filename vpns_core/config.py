@@ -100,7 +100,8 @@ class Config:
     seed: int = 7
     device: str = "auto"
     amp: bool = True                    # mixed precision on CUDA (ignored on CPU)
-    num_workers: int = 0
+    num_workers: int | None = None     # loader workers; None: 0 for splits in memory, else the
+                                        # trial's CPUs less one (at most 8): vpns_core.feed.Feed.workers
     num_threads: int | None = None      # torch CPU threads (None = torch's default)
     channels_last: bool | None = None   # NHWC inputs; None: on CUDA, and on a CPU for models with
                                         # depthwise convolutions (Lite0 steps 2x faster there)
@@ -248,7 +249,7 @@ class Config:
                      "bn_recalibrate_batches", "seed", "data_seed", "lth_epochs_per_round",
                      "warmup_epochs", "measure_repeats"):
             value = getattr(self, name)
-            if name == "lth_epochs_per_round" and value is None:
+            if name in ("lth_epochs_per_round", "num_workers") and value is None:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 fail(name, "must be a non-negative integer")

@@ -6,6 +6,7 @@ data-parallel trial each rank reads its shard of every batch (the collective's s
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,43 @@ from .config import Config
 from .data import DataSplits, DeviceBatches, device_copy_bytes, hold_on_device, stratified_sample
 
 _DEVICE_COPY_BYTES = 2 * 2**30  # data_on_device=None: splits up to this size (stored) go to the GPU
+MAX_AUTO_WORKERS = 8
+
+
+def trial_cpus(cfg: Config) -> int:
+    """CPUs this trial may use: its torch threads (a sweep sets one per reserved CPU), else the
+    CPUs this process may run on."""
+    if cfg.num_threads:
+        return cfg.num_threads
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+class SeededBatches:
+    """The batch sampler of a training loader kept across epochs: each epoch it draws exactly
+    what a :class:`~torch.utils.data.DataLoader` built that epoch with the epoch's generator
+    draws (its workers' base seed, then the permutation; or a data-parallel rank's
+    :class:`~vpns_core.distributed.ShardedBatches`), so keeping the loader and its worker
+    processes changes no batch (tests/test_pipeline.py)."""
+
+    def __init__(self, n: int, batch_size: int, drop_last: bool, sharded=None) -> None:
+        self.n, self.batch_size, self.drop_last, self.sharded = n, batch_size, drop_last, sharded
+        self.generator: torch.Generator | None = None
+
+    def __len__(self) -> int:
+        if self.sharded is not None:
+            return len(self.sharded)
+        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+
+    def __iter__(self):
+        generator = self.generator
+        torch.empty((), dtype=torch.int64).random_(generator=generator)  # a new loader's base seed
+        if self.sharded is not None:
+            self.sharded.generator = generator
+            yield from self.sharded
+            return
+        order = torch.randperm(self.n, generator=generator).tolist()
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            yield order[start:start + self.batch_size]
 
 
 def rng_untouched(device: torch.device):
@@ -34,7 +72,7 @@ class Feed:
 
     def __init__(self, cfg: Config, data: DataSplits, device: torch.device, collective: Any) -> None:
         self.cfg, self.data, self.device, self.collective = cfg, data, device, collective
-        self._eval_loaders: dict[tuple[int, bool], DataLoader] = {}  # persistent evaluation loaders
+        self._loaders: dict[tuple[int, bool, bool], DataLoader] = {}  # loaders kept with their workers
         self._device_splits: dict[int, tuple[Tensor, Tensor]] = {}  # splits held on the device
 
     def on_device(self, dataset) -> bool:
@@ -66,22 +104,42 @@ class Feed:
             return DeviceBatches(self._device_splits[id(dataset)], dataset.size, batch_size,
                                  shuffle=train, drop_last=drop_last, generator=generator,
                                  batch_sampler=sampler)
-        workers = cfg.num_workers
-        # Evaluation splits are read in a fixed order four times an epoch: keep their loaders and
-        # worker processes (starting a loader's workers costs time each pass; benchmarks/input_pipeline.py).
-        # Training loaders stay per epoch: their shuffling is seeded per epoch for exact resume.
-        persistent = (workers > 0 and not train
-                      and any(dataset is d for d in (self.data.train_eval, self.data.val, self.data.test)))
-        key = (id(dataset), sampler is not None)
-        if persistent and key in self._eval_loaders:
-            return self._eval_loaders[key]
-        batching = dict(batch_sampler=sampler) if sampler is not None else \
-            dict(batch_size=batch_size, shuffle=train, drop_last=drop_last)
-        loader = DataLoader(dataset, **batching, generator=generator, num_workers=workers,
+        workers = self.workers(dataset)
+        # Loaders over the trial's splits keep their worker processes (starting them costs time
+        # each pass; benchmarks/input_pipeline.py): evaluation loaders read in a fixed order;
+        # training loaders are reshuffled each epoch from the loop's seeded generator
+        # (SeededBatches), so a resumed trial still draws the batches it would have drawn.
+        persistent = workers > 0 and any(dataset is d for d in (self.data.train, self.data.train_eval,
+                                                                self.data.val, self.data.test))
+        key = (id(dataset), sampler is not None, train)
+        if persistent and key in self._loaders:
+            loader = self._loaders[key]
+            if train:
+                loader.batch_sampler.generator = generator
+            return loader
+        if persistent and train:
+            batching = dict(batch_sampler=SeededBatches(len(dataset), batch_size, drop_last, sampler))
+            batching["batch_sampler"].generator = generator
+            own = torch.Generator().manual_seed(0)  # the workers' seeds: never the global RNG
+        else:
+            batching = dict(batch_sampler=sampler) if sampler is not None else \
+                dict(batch_size=batch_size, shuffle=train, drop_last=drop_last)
+            own = generator
+        loader = DataLoader(dataset, **batching, generator=own, num_workers=workers,
                             pin_memory=self.device.type == "cuda", persistent_workers=persistent)
         if persistent:
-            self._eval_loaders[key] = loader
+            self._loaders[key] = loader
         return loader
+
+    def workers(self, dataset) -> int:
+        """Loader worker processes for ``dataset``: ``cfg.num_workers``, or (None) none for a
+        split held in memory (nothing to decode) and, for one read from files, what the trial's
+        CPUs allow beside the training process (at most 8)."""
+        if self.cfg.num_workers is not None:
+            return self.cfg.num_workers
+        if device_copy_bytes(dataset) is not None:
+            return 0
+        return max(0, min(MAX_AUTO_WORKERS, trial_cpus(self.cfg) - 1))
 
     def to_device(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """A batch from :meth:`loader` on the device, images as floats in [0, 1]."""

@@ -63,7 +63,7 @@ def upper_level_gradient(loss: Tensor, net: "MaskedNetwork", implicit_lr: float,
 
 
 class BilevelStep:
-    """One BiP iteration, used as the ``step`` of :meth:`Trial.run_stage`: the stage optimiser
+    """One BiP iteration, used as the ``step`` of :meth:`vpns_core.loop.Loop.run_stage`: the stage optimiser
     holds the scores (and the prompt where used) and applies the upper-level update after it."""
 
     def __init__(self, ctx: "TrialContext") -> None:
