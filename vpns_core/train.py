@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Subset
 from .checkpoint import (CheckpointError, atomic_save, load_scaler_state, rng_state, safe_load, seed_everything,
                          set_rng_state)
 from .config import Config
-from .costs import cost_record
+from .costs import trial_costs
 from .data import (DataSplits, DeviceBatches, build_data, device_copy_bytes, hold_on_device, random_crop_flip,
                    split_record, stratified_sample)
 from .distributed import DataParallel, ShardedBatches, check_data_parallel, digest, sync_batchnorm
@@ -881,8 +881,6 @@ class Trial:
         final.update(self.method.final_metrics(self))
         if writes:  # one rank times the model; the others would only queue on the timing lock
             final.update(self.costs(export))
-            if self.cfg.nm == (2, 4):
-                final.update(self.semi_structured(export))
         final["trial_time_s"] = self.wall_time + self.eval_time  # training and evaluation
         final["prompt_tunable"] = self.prompt.tunable_count if self.uses_prompt else 0
         if self.cfg.nm is not None:  # the layers an N:M pattern leaves dense, by name
@@ -906,41 +904,20 @@ class Trial:
         return Predictor(prompt, plain_model(export), label_map, prompted=self.uses_prompt)
 
     def costs(self, export: dict[str, Any]) -> dict[str, Any]:
-        """The cost record of the model this trial exports (:func:`vpns_core.costs.cost_record`),
-        rebuilt from ``export`` as a user loads it (:func:`vpns_core.models.plain_model`), on the
-        trial's device, with its input layout and autocast: parameters (nonzeros for
-        weight masks), FLOPs, and latency at ``cfg.latency_batch`` (``cfg.measure_repeats``
-        timed passes; 0 skips the timing)."""
-        return cost_record(plain_model(export), self.cfg.output_size, masks=export["masks"],
-                           device=self.device, batch=self.cfg.latency_batch, repeats=self.cfg.measure_repeats,
-                           channels_last=self._channels_last(), amp_dtype=self.amp_dtype)
-
-
-    def semi_structured(self, export: dict[str, Any]) -> dict[str, Any]:
-        """A 2:4 trial's export with its eligible linear layers in torch's semi-structured sparse
-        format (:mod:`vpns_core.semi_structured`), checked against the dense-with-zeros model on
-        real test images and timed against it, where the device has the kernels; elsewhere the
-        reason (the export keeps dense weights with zeros)."""
-        from . import semi_structured
-        reason = semi_structured.unavailable(self.device)
-        if reason is not None:
-            return {"semi_structured_note": reason}
-        import copy
-        dense = plain_model(export).to(self.device).half().eval()
-        sparse = copy.deepcopy(dense)
-        layers = semi_structured.convert(sparse)
-        if not layers:
-            return {"semi_structured_note": "no linear layer is 2:4 with both sizes multiples of 64"}
-        images = torch.stack([self.data.test[i][0] for i in range(min(64, len(self.data.test)))])
-        x = self.prompt(images.to(self.device).float().div(255), enabled=False).half()
-        out = semi_structured.compare(dense, sparse, x)
-        return {"semi_structured_layers": len(layers), "semi_structured_max_abs_diff": out["max_abs_diff"],
-                "semi_structured_dense_ms": out["dense_ms"], "semi_structured_sparse_ms": out["sparse_ms"],
-                "semi_structured_speedup": out["dense_ms"] / out["sparse_ms"]}
+        """The cost record of the model this trial exports, with ``cfg.cost_record`` (else
+        ``{}``): :func:`vpns_core.costs.trial_costs` on the trial's device, input layout and
+        autocast; a 2:4 trial's semi-structured check runs on real unprompted test images."""
+        @torch.no_grad()
+        def images() -> Tensor:
+            x = torch.stack([self.data.test[i][0] for i in range(min(64, len(self.data.test)))])
+            return self.prompt(x.to(self.device).float().div(255), enabled=False)
+        return trial_costs(export, self.cfg, device=self.device, amp_dtype=self.amp_dtype,
+                           channels_last=self._channels_last(), inputs=images)
 
 
 _RUNTIME_FIELDS = ("device", "amp", "num_workers", "num_threads", "eval_batch_size", "tags", "data_root",
-                   "download", "channels_last", "measure_repeats", "latency_batch")  # no effect on training
+                   "download", "channels_last", "cost_record", "count_flops", "measure_repeats",
+                   "latency_batch")  # no effect on training
 
 
 def run_trial(cfg: Config, workdir: str | Path, reporter: Reporter | None = None,
