@@ -153,6 +153,9 @@ class MultiObjective(PhaseSearch):
         if clash:
             raise UsageError(f"--set {clash[0]}: the Pareto search sets {clash[0]} itself "
                              f"({', '.join(sorted(searched))}); drop --set {clash[0]}")
+        if overrides.get("cost_record") is False:
+            raise UsageError("--set cost_record=false: the Pareto search ranks trials by their cost "
+                             "record; drop --set cost_record")
         timed = sorted({"latency_ms", "latency_cpu_ms"} & {*self.costs, *dict(self.budget.limits)})
         if timed and overrides.get("measure_repeats") == 0:
             raise UsageError(f"--set measure_repeats=0: {timed[0]} is an objective or capped, so "

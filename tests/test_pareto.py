@@ -352,6 +352,8 @@ def test_resume_tags_the_ranks_again(swept):
     (["--scheduler", "asha"], "--scheduler asha: ASHA stops trials on one metric"),
     (["--set", "sparsity=0.5"], "--set sparsity: the Pareto search sets sparsity itself"),
     (["--set", "method=hydra"], "--set method: the Pareto search sets method itself"),
+    (["--set", "pattern=2:4"], "--set pattern: the Pareto search sets pattern itself"),
+    (["--set", "cost_record=False"], "--set cost_record=false: the Pareto search ranks trials by their cost record"),
 ])
 def test_usage_errors_name_the_flag_before_anything_runs(flag, words, tmp_path, capsys):
     from sweeps import pareto

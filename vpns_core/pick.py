@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             raise PickError(f"--budget: no trial of sweep {args.sweep} recorded {', '.join(missing)} (its "
                             f"trials ran without the cost record: sweeps/pareto.py and sweeps/structured.py "
-                            f"turn it on; another sweep with --set cost_record=true)")
+                            f"turn it on; another sweep with --set cost_record=True)")
     except PickError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
