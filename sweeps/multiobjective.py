@@ -186,10 +186,13 @@ def retime(phases: list[Phase], store: Path | None = None, repeats: int = RETIME
     it, at the trial's batch size, thread count and input layout
     (:func:`vpns_core.pick.remeasure`). The trial's final record takes the new latency keys
     (:data:`RETIMED`); the in-trial median stays as ``latency_ms_in_trial``. A trial whose export
-    is missing keeps its in-trial latency (``latency_retimed`` False). ``store`` (a JSON file)
+    is missing, or that timed on a GPU this driver lacks, keeps its in-trial latency
+    (``latency_retimed`` False). ``store`` (a JSON file)
     keeps the new values by trial id, so that ``--resume`` reuses them and ranks as before.
     Returns how many trials were timed now."""
     import json
+
+    import torch
 
     from vpns_core.checkpoint import atomic_write
     from vpns_core.pick import remeasure
@@ -202,7 +205,8 @@ def retime(phases: list[Phase], store: Path | None = None, repeats: int = RETIME
                 continue
             path = Path(record["checkpoint"] or "") / "model_export.pt"
             if trial_id not in saved:
-                if not record["checkpoint"] or not path.is_file():
+                gpu_gone = str(final.get("latency_device", "")).startswith("cuda") and not torch.cuda.is_available()
+                if not record["checkpoint"] or not path.is_file() or gpu_gone:  # not here: keep the trial's
                     final["latency_retimed"] = False
                     continue
                 again = remeasure(path, final, max(repeats, int(final.get("latency_repeats") or 0)))
