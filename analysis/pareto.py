@@ -1,8 +1,10 @@
 """The accuracy × cost Pareto front of a multi-objective pruning search (``sweeps/pareto.py``).
 
 One panel per cost (latency, parameters or nonzeros, FLOPs; log scale): every trial of the search
-at its validation accuracy, one colour per method; filled if it fits the sweep's budget, hollow
-if not; the trials no other fitting trial beats in both accuracy and that cost joined by a line
+at its validation accuracy, one colour per method, a square for 2:4 weight masks (a circle
+otherwise); filled if it fits the sweep's budget, hollow if not; on the latency panel a bar from
+the fastest to the slowest of its timed runs (the sweep re-times every candidate alone after
+training: ``latency_ms`` the median, ``latency_ms_spread`` the interquartile range); the trials no other fitting trial beats in both accuracy and that cost joined by a line
 (the 2-D front of the panel); the search's own front (``pareto_rank`` 1 under its objectives)
 ringed in black, with its test accuracy as a cross: test accuracy is shown for that
 validation-selected front only. Dense fine-tuning is the reference star, the budget a dashed line.
@@ -77,11 +79,27 @@ def front_table(runs: Runs) -> tuple[pd.DataFrame, pd.DataFrame, tuple[str, ...]
                         for p, m in zip(frame["config.pad_size"], methods)]
         frame["sparsity"] = [s if m is not None and m.prunes else math.nan
                              for s, m in zip(frame["config.sparsity"], methods)]
+        frame["pattern"] = [pattern_label(m, p) for m, p in
+                            zip(methods, frame["config.pattern"] if "config.pattern" in frame else [None] * len(frame))]
         frame["val_acc_pct"] = 100 * frame[ACCURACY].astype(float)
         frame["test_acc_pct"] = 100 * frame["selected_test_acc"].astype(float)
     search.loc[search["rank"] != 1, "test_acc_pct"] = math.nan  # test accuracy: the front only
     search = search.sort_values(["rank", costs[0]] if costs[0] in search else ["rank"])
     return search, dense, costs, limits
+
+
+def pattern_label(method, pattern) -> str:
+    """What a trial prunes: ``"2:4"`` (an N:M weight pattern), ``"unstructured"`` (other weight
+    masks), ``"channels"`` (a channel method) or ``"-"`` (dense)."""
+    if method is None or not method.prunes:
+        return "-"
+    if method.structured:
+        return "channels"
+    return pattern if isinstance(pattern, str) and pattern != "unstructured" else "unstructured"
+
+
+def _marker(pattern: str) -> str:
+    return "s" if ":" in str(pattern) else "o"
 
 
 def _panel_costs(search: pd.DataFrame, costs: tuple[str, ...]) -> list[str]:
@@ -98,6 +116,8 @@ def build(runs: Runs) -> Figure:
         _panel(ax, search, dense, cost, limits, methods)
     handles = [Line2D([], [], ls="none", marker="o", color=COLORS.get(m, "grey"), label=method_name(m))
                for m in methods]
+    nm = sorted({p for p in search["pattern"] if ":" in str(p)})
+    handles += [Line2D([], [], ls="none", marker="s", color="grey", label=f"{p} weight pattern") for p in nm]
     handles += [Line2D([], [], ls="none", marker="o", mfc="none", mec="black", ms=9, mew=1.5,
                        label="search front (rank 1), validation"),
                 Line2D([], [], ls="none", marker="x", color="black", label="its test accuracy"),
@@ -121,8 +141,14 @@ def _panel(ax, search: pd.DataFrame, dense: pd.DataFrame, cost: str, limits: Bud
         part = search[search["config.method"] == method]
         color = COLORS.get(method, "grey")
         for fits, face in ((True, color), (False, "none")):
-            sel = part[part["fits"] == fits]
-            ax.plot(sel[cost], sel["val_acc_pct"], ls="none", marker="o", mfc=face, mec=color, ms=6)
+            for pattern in ordered(part["pattern"]):
+                sel = part[(part["fits"] == fits) & (part["pattern"] == pattern)]
+                ax.plot(sel[cost], sel["val_acc_pct"], ls="none", marker=_marker(pattern), mfc=face,
+                        mec=color, ms=6)
+        if cost == "latency_ms" and {"latency_ms_min", "latency_ms_max"} <= set(part):
+            timed = part[part["latency_ms_min"].notna() & part["latency_ms_max"].notna()]
+            ax.errorbar(timed[cost], timed["val_acc_pct"], ls="none", color=color, lw=1, capsize=2,
+                        xerr=[timed[cost] - timed["latency_ms_min"], timed["latency_ms_max"] - timed[cost]])
         ringed = part[part["rank"] == 1]
         ax.plot(ringed[cost], ringed["val_acc_pct"], ls="none", marker="o", mfc="none", mec="black",
                 ms=10, mew=1.5)
@@ -154,8 +180,9 @@ def _leading(value: float) -> int:
 
 
 def _numbers(search: pd.DataFrame, dense: pd.DataFrame, panels: list[str], limits: Budget) -> pd.DataFrame:
-    columns = ["trial_id", "config.method", "sparsity", "pad", "rank", "fits",
-               "val_acc_pct", "test_acc_pct", *panels, "latency_ms_min", "latency_ms_max", "latency_cpu_ms"]
+    columns = ["trial_id", "config.method", "pattern", "sparsity", "pad", "rank", "fits",
+               "val_acc_pct", "test_acc_pct", *panels, "latency_ms_spread", "latency_ms_min", "latency_ms_max",
+               "latency_repeats", "latency_cpu_ms", "latency_ms_in_trial"]
     columns = list(dict.fromkeys(columns))
     frames = []
     for frame, role in ((search, "search"), (dense, "reference")):
@@ -169,7 +196,8 @@ def _numbers(search: pd.DataFrame, dense: pd.DataFrame, panels: list[str], limit
 
 
 def _label(row: dict) -> str:
-    return f"{row.get('config.method')} {row.get('sparsity')}"
+    pattern = row.get("pattern")
+    return f"{row.get('config.method')} {pattern + ' ' if ':' in str(pattern) else ''}{row.get('sparsity')}"
 
 
 def _caption(runs: Runs, search: pd.DataFrame, dense: pd.DataFrame, costs: tuple[str, ...],
@@ -190,14 +218,34 @@ def _caption(runs: Runs, search: pd.DataFrame, dense: pd.DataFrame, costs: tuple
         threads = _first(search, "latency_threads", "?")
         spread = ((search["latency_ms_max"] - search["latency_ms_min"]) / search["latency_ms"]).median() \
             if "latency_ms_max" in search else math.nan
-        text.append(f"Front latency {low:.1f}-{high:.1f} ms ({high / low:.1f}x range) at batch "
-                    f"{batch:g}, measured in each trial on {device} with {threads:g} thread(s); the "
-                    f"timed runs of a trial spread by a median {100 * spread:.0f}% of their median "
-                    f"(other trials and other work shared the machine).")
+        # the sweep's re-timing (sweeps/multiobjective.py retime) keeps the in-trial median beside
+        retimed = "latency_ms_in_trial" in search and search["latency_ms_in_trial"].notna().all()
+        if retimed:
+            repeats = _first(search, "latency_repeats", "?")
+            iqr = (search["latency_ms_spread"] / search["latency_ms"]).median() \
+                if "latency_ms_spread" in search else math.nan
+            text.append(f"Front latency {low:.1f}-{high:.1f} ms ({high / low:.1f}x range) at batch "
+                        f"{batch:g} on {device} with {threads:g} thread(s), re-timed after training, "
+                        f"one candidate at a time with no trial running: median of {repeats:g} timed "
+                        f"runs (bars: fastest to slowest); their interquartile range is a median "
+                        f"{100 * iqr:.0f}% of the median, the full range {100 * spread:.0f}%.")
+            drift = (search["latency_ms_in_trial"] / search["latency_ms"]).median()
+            text.append(f"Measured inside the trials (beside other training) the latencies read a "
+                        f"median {drift:.2f}x the re-timed ones; the search was told those.")
+        else:
+            text.append(f"Front latency {low:.1f}-{high:.1f} ms ({high / low:.1f}x range) at batch "
+                        f"{batch:g}, measured in each trial on {device} with {threads:g} thread(s); the "
+                        f"timed runs of a trial spread by a median {100 * spread:.0f}% of their median "
+                        f"(other trials and other work shared the machine).")
         if "latency_cpu_ms" in search and search["latency_cpu_ms"].notna().any():
             ratio = (search["latency_ms"] / search["latency_cpu_ms"]).median()
             text.append(f"Wall-clock latency over the passes' CPU time (the latency with the core to "
                         f"itself): median {ratio:.2f}x, up to {(search['latency_ms'] / search['latency_cpu_ms']).max():.1f}x.")
+    nm = sorted({p for p in search["pattern"] if ":" in str(p)})
+    if nm:
+        text.append(f"Squares: {', '.join(nm)} weight patterns (exactly N of every M weights kept along a "
+                    f"layer's inputs; the first conv and the head stay dense), which sparse tensor cores "
+                    f"can run; their latency here is the dense kernels'.")
     weight = [m for m in ordered(search["config.method"]) if m in METHODS and not METHODS.get(m).structured]
     if weight:
         text.append(f"Weight-pruned methods ({', '.join(map(method_name, weight))}) keep the dense "

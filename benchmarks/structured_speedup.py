@@ -22,7 +22,8 @@ import torch
 from benchmarks.harness import amp_dtype, write_json
 from sweeps.text_table import print_table
 from vpns_core.models import build_model, head_layer
-from vpns_core.channel_pruning import ChannelPruner, compare
+from vpns_core.channel_pruning import ChannelPruner
+from vpns_core.costs import compare
 from vpns_core.methods import METHODS
 
 

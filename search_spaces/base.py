@@ -90,7 +90,7 @@ TINY = dict(
     test_subset=64, val_fraction=0.25, **layout("around_image", output_size=32, pad_size=4, input_size=24),
     batch_size=32, eval_batch_size=64, mask_epochs=1, tune_epochs=1, sparsity=0.8,
     label_mapping_samples=64, mask_lr=0.05, tune_lr=0.05,
-    measure_repeats=1, latency_batch=8,  # the cost record's latency: one timed pass, small batch
+    measure_repeats=1, latency_batch=8,  # where a sweep turns the cost record on: one timed pass, small batch
 )
 
 

@@ -23,10 +23,12 @@ def methods() -> dict[str, dict]:
 
 
 def base(preset: str) -> dict:
+    """The preset's task with the cost record on: the figure reads every trial's dense-vs-pruned
+    measurements (:func:`vpns_core.costs.compare`) and ``flops_g``."""
     extra = pick(preset, paper={"channel_allocation": "layerwise"},
                  default={**_base.SMALL, "channel_allocation": "layerwise"},
                  tiny={"channel_allocation": "layerwise", "measure_repeats": 1})
-    return {**_base.base(preset), **extra}
+    return {**_base.base(preset), **extra, "cost_record": True}
 
 
 def levels(preset: str) -> list[float]:

@@ -14,12 +14,22 @@ Optuna trial's ``set_constraint(cost, (value - cap) / cap)`` for every capped co
 trial's final report, *before* ``study.tell``; Optuna 5's samplers read ``trial.constraints``
 (<= 0 fits) and TPE ranks the infeasible trials below the feasible ones by their total
 violation, so the search concentrates where models fit.
+
+Latency measured beside other training trials is noise (one default pad sweep read 127-221 ms for
+one architecture), so once every phase has ended, :func:`retime` times each finished candidate's
+exported model again, one at a time in the driver with nothing else running, under the trial's
+own conditions (batch, threads, input layout); the ranks, the table, trials.parquet, MLflow and
+the figure use that latency (``latency_ms``: the median, ``latency_ms_spread``: the
+interquartile range of the timed runs, ``latency_ms_min`` / ``_max``), the in-trial one stays as
+``latency_ms_in_trial``. The sampler was told the in-trial latency while it searched.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import optuna
@@ -138,11 +148,14 @@ class MultiObjective(PhaseSearch):
         return self.space.corners()
 
     def check_overrides(self, overrides: dict[str, Any]) -> None:
-        searched = {"sparsity", "method", "pad_size"} | {k for v in self.space.methods.values() for k in v}
+        searched = {"sparsity", "method", "pad_size", "pattern"} | {k for v in self.space.methods.values() for k in v}
         clash = sorted(searched & set(overrides))
         if clash:
             raise UsageError(f"--set {clash[0]}: the Pareto search sets {clash[0]} itself "
                              f"({', '.join(sorted(searched))}); drop --set {clash[0]}")
+        if overrides.get("cost_record") is False:
+            raise UsageError("--set cost_record=false: the Pareto search ranks trials by their cost "
+                             "record; drop --set cost_record")
         timed = sorted({"latency_ms", "latency_cpu_ms"} & {*self.costs, *dict(self.budget.limits)})
         if timed and overrides.get("measure_repeats") == 0:
             raise UsageError(f"--set measure_repeats=0: {timed[0]} is an objective or capped, so "
@@ -156,6 +169,57 @@ class MultiObjective(PhaseSearch):
         return tune.TuneConfig(search_alg=search, scheduler=FIFOScheduler(), num_samples=num_samples,
                                max_concurrent_trials=args.max_concurrent or max_concurrent,
                                trial_dirname_creator=trial_dirname, reuse_actors=reuse_actors)
+
+
+# --- re-timing after training -------------------------------------------------------------------
+
+#: timed passes of each candidate when it is re-timed (at least; more if its trial timed more)
+RETIME_REPEATS = 10
+#: the latency keys the re-timing replaces (:func:`vpns_core.costs.latency`)
+RETIMED = ("latency_ms", "latency_ms_min", "latency_ms_max", "latency_ms_spread", "latency_cpu_ms",
+           "latency_repeats", "latency_threads", "latency_device", "latency_layout", "latency_batch")
+
+
+def retime(phases: list[Phase], store: Path | None = None, repeats: int = RETIME_REPEATS) -> int:
+    """Time again, here and one at a time, the export (``model_export.pt`` in its checkpoint
+    folder) of every finished trial of ``phases`` that timed its model, rebuilt as a user loads
+    it, at the trial's batch size, thread count and input layout
+    (:func:`vpns_core.pick.remeasure`). The trial's final record takes the new latency keys
+    (:data:`RETIMED`); the in-trial median stays as ``latency_ms_in_trial``. A trial whose export
+    is missing, or that timed on a GPU this driver lacks, keeps its in-trial latency
+    (``latency_retimed`` False). ``store`` (a JSON file)
+    keeps the new values by trial id, so that ``--resume`` reuses them and ranks as before.
+    Returns how many trials were timed now."""
+    import json
+
+    import torch
+
+    from vpns_core.checkpoint import atomic_write
+    from vpns_core.pick import remeasure
+    saved = json.loads(store.read_text()) if store is not None and store.is_file() else {}
+    done = 0
+    for phase in phases:
+        for record in phase.records:
+            final, trial_id = record["final"], record["trial_id"]
+            if final is None or not isinstance(final.get("latency_ms"), (int, float)):
+                continue
+            path = Path(record["checkpoint"] or "") / "model_export.pt"
+            if trial_id not in saved:
+                gpu_gone = str(final.get("latency_device", "")).startswith("cuda") and not torch.cuda.is_available()
+                if not record["checkpoint"] or not path.is_file() or gpu_gone:  # not here: keep the trial's
+                    final["latency_retimed"] = False
+                    continue
+                again = remeasure(path, final, max(repeats, int(final.get("latency_repeats") or 0)))
+                saved[trial_id] = {k: again[k] for k in RETIMED if k in again}
+                done += 1
+            final.setdefault("latency_ms_in_trial", final["latency_ms"])
+            final.pop("latency_cpu_ms", None)  # a different thread count leaves none
+            final.update(saved[trial_id])
+            final["latency_retimed"] = True
+    if store is not None and done:
+        text = json.dumps(saved, indent=1)
+        atomic_write(store, lambda handle: handle.write(text.encode()))
+    return done
 
 
 # --- ranks, the table, MLflow tags ---------------------------------------------------------------
@@ -201,13 +265,13 @@ def table(phase: Phase, costs: tuple[str, ...], budget: Budget) -> list[dict[str
         derived, final, config = phase.derived[record["trial_id"]], record["final"] or {}, record["config"]
         front = derived["pareto_rank"] == 1 or derived["pareto_reference"]
         row = {"trial": record["trial_id"], "method": config.get("method"),
-               "sparsity": _sparsity(config), "pad": _pad(config),
+               "pattern": _pattern(config), "sparsity": _sparsity(config), "pad": _pad(config),
                "status": "done" if record["final"] is not None else record["status"].lower(),
                "rank": derived["pareto_rank"],
                "val_acc_%": _pct(final.get(ACCURACY)),
                "test_acc_%": _pct(final.get("selected_test_acc")) if front else None,
-               "latency_ms": final.get("latency_ms"),
-               "latency_spread_ms": _spread(final), "latency_cpu_ms": final.get("latency_cpu_ms"),
+               "latency_ms": final.get("latency_ms"), "latency_ms_spread": final.get("latency_ms_spread"),
+               "latency_range_ms": _spread(final), "latency_cpu_ms": final.get("latency_cpu_ms"),
                "params_m": final.get("params_m"), "flops_g": final.get("flops_g")}
         if budget:
             row["fits_budget"] = {True: "yes", False: "NO", None: None}[derived["feasible"]]
@@ -222,6 +286,14 @@ def _method(config: dict[str, Any]):
 def _pad(config: dict[str, Any]) -> Any:
     method = _method(config)
     return config.get("pad_size") if method is not None and method.uses_prompt else "-"
+
+
+def _pattern(config: dict[str, Any]) -> Any:
+    """"2:4" (an N:M pattern), "unstructured" (other weight masks), "channels" or "-" (dense)."""
+    method = _method(config)
+    if method is None or not method.prunes:
+        return "-"
+    return "channels" if method.structured else config.get("pattern") or "unstructured"
 
 
 def _sparsity(config: dict[str, Any]) -> Any:
@@ -240,20 +312,29 @@ def _spread(final: dict[str, Any]) -> str | None:
 
 def tag_runs(sweep: "Sweep", phases: list[Phase], costs: tuple[str, ...], budget: Budget) -> None:
     """Each trial's ``pareto_rank`` and ``feasible`` (and the objectives and budget) as tags of
-    its MLflow run, and the objectives and budget on the parent run. A run the store lacks or
-    refuses is left to ``--resume`` (recorded as unlogged, like a failed MLflow call in a
-    phase)."""
-    from mlflow.entities import RunTag
+    its MLflow run, its re-timed latency (:func:`retime`) as its metrics (logged at its final
+    step after the in-trial ones, so they are the run's latest), and the objectives and budget
+    on the parent run. A run the store lacks or refuses is left to ``--resume`` (recorded as
+    unlogged, like a failed MLflow call in a phase)."""
+    from mlflow.entities import Metric, RunTag
     from mlflow.tracking import MlflowClient
     client = MlflowClient(sweep.args.tracking_uri)
     for phase in phases:
+        finals = {r["trial_id"]: r["final"] or {} for r in phase.records}
         for trial_id, derived in phase.derived.items():
             run_id = sweep.run_ids.get(trial_id)
             if run_id is None or trial_id in sweep.unlogged:
                 continue
             tags = [RunTag(k, str(v)) for k, v in derived.items() if v is not None and v != ""]
+            final = finals.get(trial_id, {})
+            metrics = []
+            if final.get("latency_retimed"):
+                stamp, step = int(time.time() * 1000), int(final.get("epoch", 0))
+                metrics = [Metric(k, float(final[k]), stamp, step) for k in (*RETIMED, "latency_ms_in_trial")
+                           if isinstance(final.get(k), (int, float))]
+                tags += [RunTag(k, str(final[k])) for k in ("latency_device", "latency_layout") if final.get(k)]
             try:
-                client.log_batch(run_id, tags=tags)
+                client.log_batch(run_id, metrics=metrics, tags=tags)
             except Exception as err:  # noqa: BLE001 - the ranks are in trials.parquet; resume tags them
                 sweep.unlogged[trial_id] = failure_reason(err)
     try:

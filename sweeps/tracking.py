@@ -40,8 +40,9 @@ TUNE_KEYS = {"timestamp", "time_this_iter_s", "time_total_s", "training_iteratio
              "checkpoint_dir_name", "done", "trial_id", "experiment_tag", "should_checkpoint",
              "final", "planned_epochs"}
 # Final-report keys kept as trial columns and MLflow metrics: the selected model's accuracies,
-# every trial's cost record (vpns_core.costs.cost_record: params_m, flops_*, latency_*) and for
-# channel methods the dense-vs-pruned measurements (vpns_core.channel_pruning.compare).
+# the cost record where a trial measures it (cfg.cost_record; vpns_core.costs: params_m, flops_*,
+# latency_*), for channel methods the dense-vs-pruned parameters and, with the cost record, the
+# rest of their measurements (vpns_core.costs.compare).
 FINAL_PREFIXES = ("selected_", "mask_stage_", "prompt_tunable", "prompt_input_fraction",
                   "prompt_image_fraction", "trial_time_s", "dense_", "pruned_", "speedup",
                   "memory_", "flops_", "params_ratio", "params_m", "latency_", "train_speedup",

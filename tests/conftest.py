@@ -21,8 +21,9 @@ import pytest  # noqa: E402
 from vpns_core.config import Config  # noqa: E402  (after the CUDA setting above)
 
 #: the tiny task every end-to-end trial test runs: a tiny ResNet on 128 real Fashion-MNIST
-#: images (a quarter of them validation) at 24 px in a 32 px frame, one epoch per stage; the cost
-#: record times one pass at batch 8 (test_pareto.py checks the timing itself)
+#: images (a quarter of them validation) at 24 px in a 32 px frame, one epoch per stage; where a
+#: test turns the cost record on (cost_record=True), it times one pass at batch 8 (test_pareto.py
+#: checks the timing itself)
 TINY = dict(model="tiny_resnet", pretrained=False, dataset="fashion_mnist", train_subset=128,
             test_subset=64, val_fraction=0.25, input_size=24, output_size=32, pad_size=4,
             batch_size=32, eval_batch_size=64, mask_epochs=1, tune_epochs=1, sparsity=0.8,

@@ -504,6 +504,32 @@ def check_pareto(table, figure):
 CASES["pareto"] = (pareto_rows, check_pareto)
 
 
+def test_the_pareto_figure_labels_2_4_candidates_and_the_retimed_spread(tmp_path):
+    rows = pareto_rows()
+    nm = trial(7, 0.65, 0.65, script="pareto", phase="search", method="hydra", sparsity=0.5, pattern="2:4",
+               extra={**{k: v for k, v in rows[3].items() if not k.startswith(("config.", "trial_id"))},
+                      "selected_val_acc": 0.65, "latency_ms": 60.0, "latency_ms_min": 55.0,
+                      "latency_ms_max": 70.0, "params_m": 1.8})
+    rows.insert(4, nm)
+    for row in rows:  # re-timed by the sweep: the in-trial median kept, the IQR beside the median
+        if row["phase"] == "search":
+            row.update(latency_ms_in_trial=1.5 * row["latency_ms"], latency_ms_spread=0.1 * row["latency_ms"],
+                       latency_repeats=10)
+    figure = analysis.FIGURES["pareto"].build(runs_of(rows))
+    _, _, csv = save(figure, tmp_path)
+    table = pd.read_csv(csv)
+    search = table[table["role"] == "search"]
+    patterns = dict(zip(search["config.method"] + " " + search["sparsity"].astype(str), search["pattern"]))
+    assert patterns == {"depgraph 0.7": "channels", "depgraph 0.5": "channels", "slim 0.5": "channels",
+                        "hydra 0.9": "unstructured", "hydra 0.5": "2:4", "vpns_structured 0.1": "channels"}
+    assert search.set_index("pattern").loc["2:4", "latency_ms_spread"] == pytest.approx(6.0)
+    text = " ".join(figure.caption)
+    assert "re-timed after training, one candidate at a time with no trial running: median of 10" in text
+    assert "interquartile range is a median 10% of the median" in text and "read a median 1.50x" in text
+    assert "Squares: 2:4 weight patterns" in text
+    assert figure.label({"config.method": "hydra", "pattern": "2:4", "sparsity": 0.5}) == "hydra 2:4 0.5"
+
+
 def test_rerun_comparison_pairs_points_and_seeds(tmp_path):
     from analysis import rerun
     first = [trial(s, p, p, pad_size=8, axes={"pad": 8}) for s, p in ((7, 0.60), (9, 0.64), (17, 0.62))]

@@ -56,6 +56,8 @@ from vpns_core.registry import UnknownNameError
     ({"sparsity": "0.9"}, "sparsity", "[0, 1)"),
     ({"prompt_size": 65}, "prompt_size", "output_size"),
     ({"tags": "a=b"}, "tags", "dict"),
+    ({"cost_record": "yes"}, "cost_record", "True or False"),
+    ({"count_flops": 1}, "count_flops", "True or False"),
 ])
 def test_bad_values_name_field_and_allowed(changes, field, hint):
     with pytest.raises(ConfigError) as err:

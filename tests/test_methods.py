@@ -63,9 +63,9 @@ def channel_pruned_params(dense: nn.Module, sparsity: float) -> int:
 @pytest.mark.parametrize("method", METHODS.names())
 def test_every_method_runs_hits_target_sparsity_and_reports(method, tmp_path):
     """The one end-to-end trial of each registered method (the sweep smoke tests run a few)."""
-    channel = METHODS.get(method).structured  # with a dense warm-up epoch, measured once
+    channel = METHODS.get(method).structured  # with a dense warm-up epoch and the cost record
     cfg = tiny(method=method, lth_rate=0.6, max_steps_per_epoch=2,
-               **({"warmup_epochs": 1, "measure_repeats": 1} if channel else {}))
+               **({"warmup_epochs": 1, "measure_repeats": 1, "cost_record": True} if channel else {}))
     seen = []
     trial = Trial(cfg, tmp_path, reporter=seen.append)
     result = trial.run()
@@ -94,6 +94,11 @@ def test_every_method_runs_hits_target_sparsity_and_reports(method, tmp_path):
         assert result.final["removal_max_abs_diff"] < 1e-4  # removal equals the gated network
         for key in ("speedup", "speedup_b1", "memory_mb", "flops_g", "memory_ratio", "train_speedup"):
             assert result.final[key] > 0, key
+        # the cost record's flops_g (the export) and the comparison's (trial.model) are two keys
+        # of one network: equal, and below the dense model's
+        assert result.final["flops_g"] == pytest.approx(result.final["pruned_flops_g"])
+        assert result.final["pruned_flops_g"] < 0.2 * result.final["dense_flops_g"]
+        assert result.final["params_m"] * 1e6 == pytest.approx(result.final["pruned_params"])
         dense = build_model(cfg.model, pretrained=False).module
         widths = {n: m.out_channels for n, m in trial.model.named_modules() if isinstance(m, nn.Conv2d)}
         dense_widths = {n: m.out_channels for n, m in dense.named_modules() if isinstance(m, nn.Conv2d)}
@@ -106,7 +111,9 @@ def test_every_method_runs_hits_target_sparsity_and_reports(method, tmp_path):
         assert pruned < (1 - 0.8) * count_parameters(dense)
         assert seen[-1]["sparsity_all_layers"] == pytest.approx(1 - pruned / count_parameters(dense))
         assert seen[-1]["sparsity"] == pytest.approx(0.8, abs=1 / 16)
-    elif METHODS.get(method).prunes:  # realised sparsity is exactly the target (global top-k)
+    else:  # no cost record asked for: nothing built, counted or timed
+        assert not {"params_m", "flops_g", "latency_ms", "dense_flops_g"} & set(result.final)
+    if not channel and METHODS.get(method).prunes:  # realised sparsity is exactly the target (global top-k)
         total = sum(m.numel() for m in masks.values())
         assert sum(int(m.sum()) for m in masks.values()) == total - round(0.8 * total)
         assert seen[-1]["sparsity"] == pytest.approx(0.8, abs=1e-4)

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 from vpns_core import pick as pick_cli
-from vpns_core.costs import cost_record, flops, nonzero_parameters
+from vpns_core.costs import cost_record, flops, nonzero_parameters, trial_costs
 from vpns_core.pareto import (Budget, closest, non_dominated_ranks, parse_budget, parse_objectives,
                               pareto_ranks)
 
@@ -81,7 +81,9 @@ def test_cost_record_counts_nonzeros_and_the_flops_a_sparse_kernel_would_skip():
     assert record["latency_ms_min"] <= record["latency_ms"] <= record["latency_ms_max"]
     assert record["latency_batch"] == 4 and record["latency_repeats"] == 3
     assert record["latency_threads"] == torch.get_num_threads() and record["latency_device"].startswith("cpu")
-    assert "latency_ms" not in cost_record(net, 8, repeats=0)  # 0 repeats: no timing
+    assert 0 <= record["latency_ms_spread"] <= record["latency_ms_max"] - record["latency_ms_min"]
+    assert set(cost_record(net, 8, repeats=0)) == {"params_m", "flops_g", "flops_nonzero_g"}  # no timing
+    assert set(cost_record(net, 8, repeats=0, count_flops=False)) == {"params_m"}  # no FLOP count either
     threads = torch.get_num_threads()
     try:  # at one thread the pass's CPU time is recorded too: never more than its wall time
         torch.set_num_threads(1)
@@ -108,9 +110,9 @@ def test_search_space_and_constraints_reach_the_optuna_study():
     configs = {tid: search.suggest(tid) for tid in ("a", "b", "c")}
     for config in configs.values():
         Config.from_dict({**base, **config})
-        assert set(config) <= {"method", "sparsity", "pad_size"}
+        assert set(config) <= {"method", "sparsity", "pad_size", "pattern"}
         low, high = getattr(space, f"{space.kind(config['method'])}_sparsity")
-        assert low <= config["sparsity"] <= high
+        assert low <= config["sparsity"] <= high or (config.get("pattern") == "2:4" and config["sparsity"] == 0.5)
     search.on_trial_complete("a", {"selected_val_acc": 0.5, "latency_ms": 20.0})   # 100% over
     search.on_trial_complete("b", {"selected_val_acc": 0.4, "latency_ms": 5.0})    # fits
     search.on_trial_complete("c", {"selected_val_acc": 0.6})                       # no cost: failed
@@ -119,6 +121,85 @@ def test_search_space_and_constraints_reach_the_optuna_study():
     assert trials[0].constraints == {"latency_ms": pytest.approx(1.0)}
     assert trials[1].constraints == {"latency_ms": pytest.approx(-0.5)}
     assert [t.number for t in search._ot_study.best_trials] == [1]  # the infeasible one is not "best"
+
+
+def test_the_budget_space_offers_a_2_4_pattern_beside_unstructured_and_channel_pruning():
+    from search_spaces import pareto
+    from vpns_core.config import Config
+    space = pareto.space("tiny")
+    assert pareto.base("tiny")["cost_record"] and space.patterns == ("unstructured", "2:4")
+    nm = [c for c in space.corners() if c.get("pattern") == "2:4"]
+    assert sorted({c["method"] for c in nm}) == ["hydra", "vpns"] and all(c["sparsity"] == 0.5 for c in nm)
+    assert not any("pattern" in c for c in space.corners() if space.kind(c["method"]) == "channel")
+    # define-by-run: a 2:4 draw asks for no sparsity (the pattern fixes 0.5), an unstructured one does
+    fixed = optuna.trial.FixedTrial({"method": "hydra", "pattern": "2:4"})
+    space.define(fixed)
+    assert space.config(fixed.params) == {"method": "hydra", "sparsity": 0.5, "pattern": "2:4"}
+    assert Config.from_dict({**pareto.base("tiny"), **space.config(fixed.params)}).nm == (2, 4)
+    with pytest.raises(ValueError):  # unstructured: the sparsity is asked for
+        space.define(optuna.trial.FixedTrial({"method": "hydra", "pattern": "unstructured"}))
+
+
+@pytest.fixture(scope="module")
+def nm_trial(tmp_path_factory):
+    """One tiny budget-sweep trial with a 2:4 pattern (HYDRA, the Pareto space's tiny base: cost
+    record on)."""
+    from search_spaces import pareto
+    from vpns_core.config import Config
+    from vpns_core.train import Trial
+    folder = tmp_path_factory.mktemp("nm")
+    cfg = Config.from_dict({**pareto.base("tiny"), "method": "hydra", "pattern": "2:4", "sparsity": 0.5,
+                            "max_steps_per_epoch": 1, "num_threads": 1})
+    trial = Trial(cfg, folder)
+    return trial, trial.run(), folder
+
+
+def test_a_2_4_candidate_trains_exact_2_4_masks_and_records_its_cost(nm_trial):
+    trial, result, folder = nm_trial
+    masks = trial.net.current_masks()
+    for mask in masks.values():  # exactly 2 of every 4 weights along the inputs
+        grouped = mask.permute(0, 2, 3, 1) if mask.dim() == 4 else mask
+        assert (grouped.reshape(-1, 4).sum(1) == 2).all()
+    final = result.final
+    pruned = sum(int((~m).sum()) for m in masks.values())
+    assert pruned == sum(m.numel() for m in masks.values()) // 2
+    export = torch.load(folder / "model_export.pt", weights_only=True)
+    from vpns_core.models import plain_model
+    dense_total = sum(p.numel() for p in plain_model(export).parameters())
+    assert final["params_m"] * 1e6 == pytest.approx(dense_total - pruned) and final["params_m"] > 0
+    assert 0 < final["flops_nonzero_g"] < final["flops_g"] and final["latency_ms"] > 0
+    assert final["latency_repeats"] == 2 and final["latency_batch"] == 8
+    assert "keeps dense weights with zeros" in final["semi_structured_note"]  # a CPU
+    # the same export without the switch: nothing measured
+    assert trial_costs(export, trial.cfg.replace(cost_record=False), device="cpu") == {}
+
+
+def test_retiming_gives_each_candidate_one_latency_and_its_spread(nm_trial, tmp_path):
+    from sweeps.multiobjective import RETIME_REPEATS, retime, table
+    from sweeps.results import Phase
+    _, result, folder = nm_trial
+    final = dict(result.final)
+    records = [{"trial_id": "a", "final": final, "checkpoint": str(folder), "status": "TERMINATED",
+                "config": {"method": "hydra", "pattern": "2:4", "sparsity": 0.5, "pad_size": 4}},
+               {"trial_id": "b", "final": None, "checkpoint": None, "status": "ERROR", "config": {}}]
+    phase = Phase("search", {}, records, complete=True)
+    store = tmp_path / "latency_retimed.json"
+    assert retime([phase], store) == 1
+    assert final["latency_ms_in_trial"] == result.final["latency_ms"] and final["latency_retimed"]
+    assert final["latency_repeats"] == RETIME_REPEATS and final["latency_batch"] == 8
+    assert final["latency_ms_min"] <= final["latency_ms"] <= final["latency_ms_max"]
+    assert 0 <= final["latency_ms_spread"] <= final["latency_ms_max"] - final["latency_ms_min"]
+    assert records[1]["final"] is None
+    # a resumed sweep reuses the stored latency: the same ranks as before
+    again = dict(result.final)
+    phase.records[0]["final"] = again
+    assert retime([phase], store) == 0 and again["latency_ms"] == final["latency_ms"]
+    phase.derived = {"a": {"pareto_rank": 1, "feasible": True, "pareto_reference": False},
+                     "b": {"pareto_rank": None, "feasible": None, "pareto_reference": False}}
+    rows = table(phase, ("latency_ms",), Budget())
+    assert rows[0]["pattern"] == "2:4" and rows[0]["latency_ms"] == final["latency_ms"]
+    assert rows[0]["latency_ms_spread"] == final["latency_ms_spread"]
+    assert rows[1]["latency_ms"] is None
 
 
 # --- one tiny Pareto sweep end to end ------------------------------------------------------------
@@ -151,8 +232,10 @@ def test_the_sweep_records_objectives_ranks_and_feasibility(swept):
                               "tags.role = 'trial' and tags.sweep = 'front'")
     assert sorted(r.info.run_id for r in runs) == sorted(r["mlflow_run_id"] for r in rows)  # one run each
     assert all(r.info.status == "FINISHED" for r in runs)
-    for r in rows:
+    for r in rows:  # re-timed after training, one candidate at a time: a median and its spread each
         assert r["latency_ms"] > 0 and r["params_m"] > 0 and r["flops_g"] > 0 and r["latency_batch"] == 16
+        assert r["latency_retimed"] and r["latency_ms_in_trial"] > 0 and r["latency_repeats"] == 10
+        assert 0 <= r["latency_ms_spread"] <= r["latency_ms_max"] - r["latency_ms_min"]
         assert 0 < r["latency_cpu_ms"] <= 1.05 * r["latency_ms"] and r["latency_threads"] == 1
         assert r["pareto_objectives"] == "selected_val_acc:max,latency_ms:min,params_m:min"
         assert r["feasible"] == (r["params_m"] <= 5)
@@ -183,7 +266,8 @@ def test_the_sweep_records_objectives_ranks_and_feasibility(swept):
     assert parent.data.tags["pareto_budget"] == "params_m<=5"
     # the table marks which trials fit, and shows test accuracy for the front only
     table = (folder / "pareto_table.csv").read_text().splitlines()
-    assert table[0].split(",")[:3] == ["phase", "trial", "method"] and "fits_budget" in table[0]
+    assert table[0].split(",")[:4] == ["phase", "trial", "method", "pattern"] and "fits_budget" in table[0]
+    assert "latency_ms_spread" in table[0]
     assert sum(",NO" in line for line in table) == sum(not r["feasible"] for r in rows)
 
 
@@ -268,6 +352,8 @@ def test_resume_tags_the_ranks_again(swept):
     (["--scheduler", "asha"], "--scheduler asha: ASHA stops trials on one metric"),
     (["--set", "sparsity=0.5"], "--set sparsity: the Pareto search sets sparsity itself"),
     (["--set", "method=hydra"], "--set method: the Pareto search sets method itself"),
+    (["--set", "pattern=2:4"], "--set pattern: the Pareto search sets pattern itself"),
+    (["--set", "cost_record=False"], "--set cost_record=false: the Pareto search ranks trials by their cost record"),
 ])
 def test_usage_errors_name_the_flag_before_anything_runs(flag, words, tmp_path, capsys):
     from sweeps import pareto

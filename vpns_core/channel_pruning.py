@@ -1,5 +1,6 @@
 """The mechanism of channel (structured) pruning, through torch-pruning's dependency graph:
-groups, gates, physical removal, the pruned architecture and its measurement. Which channels go
+groups, gates, physical removal and the pruned architecture (its measurement against the dense
+model is :func:`vpns_core.costs.compare`). Which channels go
 (an importance per group, a torch-pruning pruner, a sparse-training penalty) is the channel
 methods' part: :mod:`vpns_core.methods.channel`.
 
@@ -25,20 +26,13 @@ class with fewer channels; :func:`architecture` describes its new shapes so that
 """
 from __future__ import annotations
 
-import statistics
-import weakref
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import contextlib
-import importlib
-
 import torch
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
-
-from .costs import exclusive_timing, timings
 
 if TYPE_CHECKING:  # pragma: no cover
     from .methods.channel import ChannelMethod
@@ -358,141 +352,4 @@ def architecture(model: nn.Module) -> dict[str, dict[str, int]]:
         attrs = {a: int(getattr(m, a)) for a in _SHAPE_ATTRS if isinstance(getattr(m, a, None), int)}
         if attrs:
             out[name] = attrs
-    return out
-
-
-# --- measurement ------------------------------------------------------------------------------
-
-
-class _PeakMemory(torch.utils._python_dispatch.TorchDispatchMode):
-    """Peak bytes of tensors alive at once (parameters included), on any device: counts every
-    new storage an op creates and drops it when the storage is freed."""
-
-    def __init__(self, base: int = 0) -> None:
-        super().__init__()
-        self.live = base
-        self.peak = base
-        self.seen: set[int] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, Tensor) and not t.is_meta:
-                storage = t.untyped_storage()
-                key = storage.data_ptr()
-                if key and key not in self.seen:
-                    self.seen.add(key)
-                    nbytes = storage.nbytes()
-                    self.live += nbytes
-                    self.peak = max(self.peak, self.live)
-                    weakref.finalize(storage, self._free, key, nbytes)
-        return out
-
-    def _free(self, key: int, nbytes: int) -> None:
-        self.live -= nbytes
-        self.seen.discard(key)
-
-
-def _param_bytes(model: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-
-
-def _median_time(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 2) -> float:
-    return statistics.median(timings(fn, device, repeats, warmup))
-
-
-def _peak_mb(fn: Callable[[], Any], model: nn.Module, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - base + _param_bytes(model)) / 2**20
-    tracker = _PeakMemory(base=_param_bytes(model))
-    with tracker:
-        fn()
-    return tracker.peak / 2**20
-
-
-def measure(model: nn.Module, size: int, *, device: torch.device | str = "cpu",
-            batches: tuple[int, ...] = (1, 64), repeats: int = 5, train: bool = True,
-            amp_dtype: torch.dtype | None = None) -> dict[str, float]:
-    """Parameters, FLOPs per image (``torch.utils.flop_counter``), inference latency and
-    throughput at each batch size, peak inference memory at the largest batch and, with
-    ``train``, the time and peak memory of one SGD training step at the largest batch. With
-    ``amp_dtype`` (CUDA: bf16 or fp16) the timed passes run under autocast, as trials do."""
-    device = torch.device(device)
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None \
-        else contextlib.nullcontext
-    was_training = model.training
-    model.to(device).eval()
-    out: dict[str, float] = {"params": float(count_parameters(model))}
-    with torch.no_grad():
-        with FlopCounterMode(display=False) as counter:
-            model(torch.zeros(1, 3, size, size, device=device))
-    out["gflops"] = counter.get_total_flops() / 1e9
-    big = max(batches)
-    with torch.no_grad(), autocast():
-        for b in batches:
-            x = torch.randn(b, 3, size, size, device=device)
-            t = _median_time(lambda: model(x), device, repeats)
-            out[f"latency_ms_b{b}"] = 1e3 * t
-            out[f"throughput_b{b}"] = b / t
-        x = torch.randn(big, 3, size, size, device=device)
-        out["memory_mb"] = _peak_mb(lambda: model(x), model, device)
-    if train:
-        model.train()
-        params = [p for p in model.parameters()]
-        flags = [p.requires_grad for p in params]
-        for p in params:
-            p.requires_grad_(True)
-        saved = [p.detach().clone() for p in params]
-        saved_buffers = [b.detach().clone() for b in model.buffers()]
-        opt = torch.optim.SGD(params, lr=0.0)  # lr 0: timing only, weights unchanged
-        x = torch.randn(big, 3, size, size, device=device)
-
-        def step():  # any scalar loss: the cost is the backward pass, not the loss
-            opt.zero_grad(set_to_none=True)
-            with autocast():
-                loss = model(x).float().square().mean()
-            loss.backward()
-            opt.step()
-
-        out["train_step_ms"] = 1e3 * _median_time(step, device, repeats)
-        out["train_memory_mb"] = _peak_mb(step, model, device)
-        opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for p, s in zip(params, saved):
-                p.copy_(s)
-            for b, s in zip(model.buffers(), saved_buffers):
-                b.copy_(s)
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
-    model.train(was_training)
-    return out
-
-
-def compare(dense: nn.Module, pruned: nn.Module, size: int, **kwargs: Any) -> dict[str, float]:
-    """:func:`measure` on both models in the same process, and the ratios (pruned ÷ dense; ``speedup``
-    = dense latency ÷ pruned latency at the largest batch)."""
-    with exclusive_timing(kwargs.get("device", "cpu")):  # not while another trial times its model
-        d = measure(dense, size, **kwargs)
-        p = measure(pruned, size, **kwargs)
-    big = max(kwargs.get("batches", (1, 64)))
-    small = min(kwargs.get("batches", (1, 64)))
-    out = {f"dense_{k}": v for k, v in d.items()}
-    out.update({f"pruned_{k}": v for k, v in p.items()})
-    out.update({
-        "params_ratio": p["params"] / d["params"],
-        "flops_ratio": p["gflops"] / d["gflops"] if d["gflops"] else float("nan"),
-        "flops_g": p["gflops"],
-        "speedup": d[f"latency_ms_b{big}"] / p[f"latency_ms_b{big}"],
-        f"speedup_b{small}": d[f"latency_ms_b{small}"] / p[f"latency_ms_b{small}"],
-        "memory_mb": p["memory_mb"],
-        "memory_ratio": p["memory_mb"] / d["memory_mb"],
-    })
-    if "train_step_ms" in p:
-        out["train_speedup"] = d["train_step_ms"] / p["train_step_ms"]
-        out["train_memory_ratio"] = p["train_memory_mb"] / d["train_memory_mb"]
     return out

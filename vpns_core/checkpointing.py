@@ -16,7 +16,8 @@ CHECKPOINT = "checkpoint.pt"
 FORMAT = "vpns-trial-1"
 #: config fields with no effect on training: a checkpoint resumes under other values of them
 RUNTIME_FIELDS = ("device", "amp", "num_workers", "num_threads", "eval_batch_size", "tags", "data_root",
-                  "download", "channels_last", "measure_repeats", "latency_batch")
+                  "download", "channels_last", "cost_record", "count_flops", "measure_repeats",
+                  "latency_batch")
 
 
 def load(workdir: Path, resume: bool) -> dict[str, Any] | None:

@@ -81,9 +81,12 @@ class Config:
     channel_allocation: str = "layerwise"  # layerwise (same ratio per group) | global
     warmup_epochs: int = 0              # dense (sparse-regularised) training before pruning
     channel_reg: float | None = None    # slim / depgraph penalty; None = torch-pruning's default
-    # --- cost record (every trial; vpns_core/costs.py) ---------------------------------------
-    measure_repeats: int = 5            # timed runs of each latency measurement: the cost record and
-                                        # the channel methods' dense/pruned comparison (0 = skip timing)
+    # --- cost record (vpns_core/costs.py; the sweeps that read it turn it on) ----------------
+    cost_record: bool = False           # measure the exported model at the end (params_m, flops_g,
+                                        # latency_ms) and, for channel methods, dense vs pruned
+    count_flops: bool = True            # the cost record counts FLOPs (flops_g, flops_nonzero_g)
+    measure_repeats: int = 5            # timed runs of each latency of the cost record and of the
+                                        # channel methods' dense/pruned comparison (0 = skip timing)
     latency_batch: int = 64             # batch size of the cost record's latency (latency_ms)
     # --- stage 1: mask finding (scores + prompt, Adam, cosine) ------------------------------
     mask_epochs: int = 2
@@ -265,7 +268,7 @@ class Config:
                 fail(name, "must be a non-negative number")
         optional = ("channels_last", "data_on_device")
         for name in ("download", "pretrained", "prune_first", "prune_head", "amp", "test_every_epoch",
-                     "learn_prompt", "matched_updates", *optional):
+                     "learn_prompt", "matched_updates", "cost_record", "count_flops", *optional):
             if not isinstance(getattr(self, name), bool) and not (name in optional and getattr(self, name) is None):
                 fail(name, "must be True or False" + (" or None" if name in optional else ""))
         if self.train_subset is not None and self.batch_size > self.train_subset:

@@ -15,11 +15,10 @@ import torch
 from .assembly import Assembly
 from .checkpoint import atomic_save
 from .config import Config
-from .costs import cost_record
+from .costs import trial_costs
 from .evaluation import Evaluation
 from .export import save_programs
 from .loop import Loop
-from .models import plain_model
 
 
 @dataclass
@@ -43,41 +42,18 @@ def export_dict(assembly: Assembly, best: dict[str, Any], masks: dict[str, torch
             "std": list(source.std)}
 
 
-def costs(assembly: Assembly, export: dict[str, Any]) -> dict[str, Any]:
-    """The cost record of the model the trial exports (:func:`vpns_core.costs.cost_record`),
-    rebuilt from ``export`` as a user loads it (:func:`vpns_core.models.plain_model`), on the
-    trial's device, with its input layout and autocast: parameters (nonzeros for weight masks),
-    FLOPs, and latency at ``cfg.latency_batch`` (``cfg.measure_repeats`` timed passes; 0 skips
-    the timing)."""
-    cfg = assembly.cfg
-    return cost_record(plain_model(export), cfg.output_size, masks=export["masks"], device=assembly.device,
-                       batch=cfg.latency_batch, repeats=cfg.measure_repeats,
-                       channels_last=assembly.channels_last, amp_dtype=assembly.amp_dtype)
-
-
-def semi_structured(assembly: Assembly, export: dict[str, Any], test) -> dict[str, Any]:
-    """A 2:4 trial's export with its eligible linear layers in torch's semi-structured sparse
-    format (:mod:`vpns_core.semi_structured`), checked against the dense-with-zeros model on
-    real test images and timed against it, where the device has the kernels; elsewhere the
-    reason (the export keeps dense weights with zeros)."""
-    import copy
-
-    from . import semi_structured as s24
+def costs(assembly: Assembly, export: dict[str, Any], test) -> dict[str, Any]:
+    """The cost record of the model this trial exports, with ``cfg.cost_record`` (else ``{}``):
+    :func:`vpns_core.costs.trial_costs` on the trial's device, input layout and autocast; a 2:4
+    trial's semi-structured check runs on real unprompted test images."""
     device = assembly.device
-    reason = s24.unavailable(device)
-    if reason is not None:
-        return {"semi_structured_note": reason}
-    dense = plain_model(export).to(device).half().eval()
-    sparse = copy.deepcopy(dense)
-    layers = s24.convert(sparse)
-    if not layers:
-        return {"semi_structured_note": "no linear layer is 2:4 with both sizes multiples of 64"}
-    images = torch.stack([test[i][0] for i in range(min(64, len(test)))])
-    x = assembly.prompt(images.to(device).float().div(255), enabled=False).half()
-    out = s24.compare(dense, sparse, x)
-    return {"semi_structured_layers": len(layers), "semi_structured_max_abs_diff": out["max_abs_diff"],
-            "semi_structured_dense_ms": out["dense_ms"], "semi_structured_sparse_ms": out["sparse_ms"],
-            "semi_structured_speedup": out["dense_ms"] / out["sparse_ms"]}
+
+    @torch.no_grad()
+    def images() -> torch.Tensor:
+        x = torch.stack([test[i][0] for i in range(min(64, len(test)))])
+        return assembly.prompt(x.to(device).float().div(255), enabled=False)
+    return trial_costs(export, assembly.cfg, device=device, amp_dtype=assembly.amp_dtype,
+                       channels_last=assembly.channels_last, inputs=images)
 
 
 def finish(workdir: Path, assembly: Assembly, loop: Loop, evaluation: Evaluation, method: Any,
@@ -112,9 +88,7 @@ def finish(workdir: Path, assembly: Assembly, loop: Loop, evaluation: Evaluation
         final["mask_stage_test_acc_noprompt"] = mask_stage[-1]["test_acc_noprompt"]
     final.update(method.final_metrics(context))
     if writes:  # one rank times the model; the others would only queue on the timing lock
-        final.update(costs(assembly, export))
-        if cfg.nm == (2, 4):
-            final.update(semi_structured(assembly, export, test))
+        final.update(costs(assembly, export, test))
     final["trial_time_s"] = loop.wall_time + evaluation.eval_time  # training and evaluation
     final["prompt_tunable"] = assembly.prompt.tunable_count if assembly.uses_prompt else 0
     if cfg.nm is not None:  # the layers an N:M pattern leaves dense, by name

@@ -31,7 +31,8 @@ class Cost:
 
 #: costs a search can minimise or a budget can cap (keys of a trial's cost record)
 COSTS = {c.name: c for c in (
-    Cost("latency_ms", "ms", "latency (median of the timed runs at latency_batch, on the trial's device)"),
+    Cost("latency_ms", "ms", "latency (median of the timed runs at latency_batch, on the trial's device; "
+                             "the Pareto sweep re-times each candidate alone after training)"),
     Cost("latency_cpu_ms", "ms", "CPU time of a pass at latency_batch (one-thread CPU trials): "
                                  "the latency with the core to itself"),
     Cost("params_m", "M", "parameters in millions (nonzero weights for weight masks)"),

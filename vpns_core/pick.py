@@ -4,8 +4,9 @@ budget, its plain export copied where the user says.
     python -m vpns_core.pick --sweep NAME --budget latency_ms=120 --out model.pt
     python -m vpns_core.pick --sweep NAME --out model.pt          # the sweep's own --budget
 
-Reads ``<storage>/NAME/trials.parquet`` (``sweeps/pareto.py`` or any sweep whose trials record
-the cost record: ``latency_ms``, ``params_m``, ``flops_g``), keeps the finished trials that fit,
+Reads ``<storage>/NAME/trials.parquet`` (``sweeps/pareto.py``, ``sweeps/structured.py`` or any
+sweep run with ``cost_record`` on, whose trials record ``latency_ms``, ``params_m``, ``flops_g``:
+:mod:`vpns_core.costs`), keeps the finished trials that fit,
 picks the best validation accuracy (ties: the later selected epoch, then the smaller trial id;
 :func:`vpns_core.stats.selection_key`), prints it with its measured costs and its test accuracy,
 and copies its ``model_export.pt`` (a state dict: loads with torch and the architecture's own
@@ -101,7 +102,9 @@ def describe(row: dict[str, Any]) -> str:
                      f"at batch {row.get('latency_batch', '?'):g}, "
                      + (f"{row['latency_layout']} input, " if row.get("latency_layout") else "") + f"on "
                      f"{row.get('latency_device', '?')} with {row.get('latency_threads', '?'):g} thread(s), "
-                     f"measured in the trial")
+                     + (f"re-timed alone after training (IQR {row['latency_ms_spread']:.2f}; in the trial "
+                        f"{row['latency_ms_in_trial']:.2f})" if _known(row.get("latency_ms_in_trial"))
+                        and _known(row.get("latency_ms_spread")) else "measured in the trial"))
     sizes = [f"{name} {row[name]:.4g}" for name in ("latency_cpu_ms", "params_m", "flops_g", "flops_nonzero_g")
              if _known(row.get(name))]
     if sizes:
@@ -190,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
             raise PickError(f"--sweep {args.sweep}: no finished trial in {folder / 'trials.parquet'}")
         missing = sorted({name for name, _ in budget.limits if not any(_known(r.get(name)) for r in rows)})
         if missing:
-            raise PickError(f"--budget: no trial of sweep {args.sweep} recorded {', '.join(missing)}")
+            raise PickError(f"--budget: no trial of sweep {args.sweep} recorded {', '.join(missing)} (its "
+                            f"trials ran without the cost record: sweeps/pareto.py and sweeps/structured.py "
+                            f"turn it on; another sweep with --set cost_record=True)")
     except PickError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ..channel_pruning import ChannelPruner, compare, count_parameters, tp
+from ..channel_pruning import ChannelPruner, count_parameters, tp
+from ..costs import compare
 from ..errors import ConfigError
 from ..models import build_model, replace_head
 from .base import Method, register
@@ -127,20 +128,23 @@ class ChannelMethod(Method):
         self.channels.removal_max_abs_diff = state.get("removal_max_abs_diff")
 
     def final_metrics(self, ctx: "TrialContext") -> dict[str, Any]:
-        """Dense vs pruned: parameters, FLOPs, latency/throughput at batch 1 and 64, peak memory,
-        training step time and memory, measured one after the other here (``cfg.measure_repeats``
-        timed runs each; 0 skips the timing); and ``removal_max_abs_diff``."""
+        """Dense vs pruned parameters (``dense_params``, ``pruned_params``, ``params_ratio``) and
+        ``removal_max_abs_diff``, always; with ``cfg.cost_record`` also
+        :func:`vpns_core.costs.compare` of the two (``dense_*`` / ``pruned_*``: FLOPs with
+        ``cfg.count_flops``, peak memory, and with ``cfg.measure_repeats`` timed runs the latency
+        and throughput at batch 1 and 64 and the training step), measured one after the other
+        here."""
         cfg, ch = ctx.cfg, self.channels
-        if cfg.measure_repeats:
+        pruned = count_parameters(ctx.model)
+        out: dict[str, Any] = {"dense_params": float(ch.dense_params), "pruned_params": float(pruned),
+                               "params_ratio": pruned / ch.dense_params}
+        if cfg.cost_record:
             dense = build_model(cfg.model, pretrained=False).module
             if cfg.head == "linear":
                 replace_head(dense, ctx.num_classes)
-            out = compare(dense, ctx.model, cfg.output_size, device=ctx.device,
-                          repeats=cfg.measure_repeats, amp_dtype=ctx.amp_dtype)
-        else:
-            pruned = count_parameters(ctx.model)
-            out = {"dense_params": float(ch.dense_params), "pruned_params": float(pruned),
-                   "params_ratio": pruned / ch.dense_params}
+            out.update(compare(dense, ctx.model, cfg.output_size, device=ctx.device,
+                               repeats=cfg.measure_repeats, count_flops=cfg.count_flops,
+                               amp_dtype=ctx.amp_dtype))
         out["removal_max_abs_diff"] = ch.removal_max_abs_diff
         return out
 
