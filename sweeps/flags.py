@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import search_spaces
-from sweeps.preflight import UsageError
+from sweeps.errors import UsageError
 from vpns_core.files import CheckpointError
 from vpns_core.config import Config, ConfigError
 from vpns_core.registry import UnknownNameError

@@ -38,9 +38,10 @@ from search_spaces.points import (check_points, driver_config, listed_axes, long
                                   named_points, point_configs)
 from sweeps import lock
 from sweeps.code_version import git_commit
+from sweeps.errors import UsageError
 from sweeps.flags import DEFINING, RESULTS, USER_ERRORS, build_parser, parse_overrides, runtime_fields
-from sweeps.preflight import (UsageError, check_address, check_cluster_resources, check_flags,
-                              check_folder, check_local_resources, check_set_against_space,
+from sweeps.preflight import (check_address, check_cluster_resources, check_flags, check_folder,
+                              check_local_resources, check_set_against_space,
                               check_tracking_uri, read_sweep_json)
 from sweeps.resources import check_resources, prepare_resources
 from vpns_core.config import Config, check_label_mapping_samples
