@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import FIGURES, build_figures, closing_note
+from .figures import FIGURES, build_figures, closing_note
 from .artifacts import log_to_parent
 from .report import add_source_flags, load, output_dir
 

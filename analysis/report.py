@@ -22,6 +22,7 @@ import pandas as pd
 from vpns_core.checkpoint import atomic_write
 
 from .artifacts import prompt_images
+from .figures import build_figures, figures_for
 from .plotting import Figure
 from .runs import PROJECT, Runs, cell_state
 
@@ -181,7 +182,6 @@ def output_dir(args: argparse.Namespace, runs: Runs) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import build_figures, figures_for
     from .artifacts import log_to_parent
 
     parser = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__,

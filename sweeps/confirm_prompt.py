@@ -8,7 +8,7 @@ per-seed number. ``--arms`` runs some arms only (the thread-count rerun of the p
 import sys
 
 from search_spaces import confirmation
-from sweeps.preflight import UsageError
+from sweeps.errors import UsageError
 from sweeps.sweep import run_sweep
 
 

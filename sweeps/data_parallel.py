@@ -6,8 +6,9 @@ So for N > 1 the trial's Tune function (:func:`sweeps.trainable.trainable`) is t
 one Ray Train run: it reserves no CPU (a little memory, see :data:`DRIVER_MEMORY`), and the
 ``TorchTrainer`` starts N workers of ``--cpus-per-trial`` CPUs and ``--gpus-per-trial`` GPUs each,
 sets up their process group (gloo on CPUs, NCCL on GPUs) and runs :func:`_worker` on each. Every
-worker builds the same :class:`vpns_core.train.Trial`, which trains data-parallel inside the
-group (see :mod:`vpns_core.distributed`).
+worker runs the attempt a one-worker trial runs (:func:`sweeps.attempt.run_attempt`), whose
+:func:`vpns_core.train.run_trial` trains data-parallel inside the group (see
+:mod:`vpns_core.distributed`); only its channel (:class:`_RankChannel`) differs.
 
 Reports and checkpoints keep their single-worker form, so Tune, the searcher, ASHA, the MLflow
 tracker, the Parquet export and ``--resume`` see a trial of N workers exactly like a trial of one:
@@ -40,7 +41,6 @@ import asyncio
 import logging
 import os
 import shutil
-import tempfile
 import threading
 import uuid
 from dataclasses import dataclass
@@ -55,9 +55,8 @@ from ray import tune
 from ray.train.torch import TorchTrainer
 from ray.train.v2.api.callback import UserCallback
 
-from sweeps.flags import METRIC
-from sweeps.trainable import CHECKPOINT, NODES, _link, _now, place, write_artifacts
-from sweeps.usage import Usage
+from sweeps.attempt import Stopped, run_attempt, scratch_root
+from sweeps.placement import this_process
 from vpns_core.config import Config
 
 #: rank 0 writes its placement group's id to ``<storage>/<trial id>-<run>`` + this suffix
@@ -176,12 +175,7 @@ class PlacementGroupReaper(tune.Callback):
         self.reap()
 
 
-class _Stopped(Exception):
-    """Tune stopped the trial (ASHA): every worker leaves the training loop."""
-
-
-def run_trial_on_workers(config: dict[str, Any], scaling: Scaling, placement: dict[str, str],
-                         planned: int) -> None:
+def run_trial_on_workers(config: dict[str, Any], scaling: Scaling, placement: dict[str, str]) -> None:
     """The driver of one data-parallel trial, inside its Tune function: start a Train run from the
     trial's last Tune checkpoint (if any), report each of its reports and checkpoints to Tune,
     and answer each with continue/stop. Raises what failed the run (Tune then retries)."""
@@ -193,7 +187,7 @@ def run_trial_on_workers(config: dict[str, Any], scaling: Scaling, placement: di
         _worker,
         train_loop_config={"config": config, "resume": tune.get_checkpoint(), "mailbox": mailbox,
                            "group_file": str(Path(scaling.storage) / f"{name}{GROUP_FILE}"),
-                           "placement": placement, "planned": planned, "trial_id": trial_id},
+                           "placement": placement, "trial_id": trial_id},
         scaling_config=ray.train.ScalingConfig(num_workers=scaling.workers, use_gpu=scaling.gpus > 0,
                                                resources_per_worker=per_worker),
         run_config=ray.train.RunConfig(
@@ -233,21 +227,18 @@ def run_trial_on_workers(config: dict[str, Any], scaling: Scaling, placement: di
 
 
 def _worker(loop: dict[str, Any]) -> None:
-    """One rank of a data-parallel trial: the same :func:`vpns_core.train.run_trial` as a
-    one-worker trial, inside Ray Train's process group; rank 0 reports with the checkpoint."""
+    """One rank of a data-parallel trial: the attempt of a one-worker trial
+    (:func:`sweeps.attempt.run_attempt`) inside Ray Train's process group; rank 0 reports with
+    the checkpoint, the others keep step."""
     from vpns_core.distributed import DataParallel
-    from vpns_core.train import run_trial
 
     # Ray Train logs every report (all its metrics) of every rank and every upload at INFO
     for name in (ray.train.v2._internal.execution.context.__file__, "ray.train.v2._internal.execution.storage"):
         logging.getLogger(name).setLevel(logging.WARNING)
     cfg = Config.from_dict(loop["config"])
-    context = ray.train.get_context()
-    rank = context.get_world_rank()
-    node_id = ray.get_runtime_context().get_node_id()
-    gpu_ids = ray.get_gpu_ids()
-    device, fallback = place(cfg.device, gpu_ids, torch.cuda.is_available(), node_id)
-    if device == "cuda":
+    rank = ray.train.get_context().get_world_rank()
+    here = this_process(cfg.device)
+    if here["device"] == "cuda":
         torch.cuda.set_device(ray.train.torch.get_device())  # this rank's GPU
     dp = DataParallel.current()
     if rank == 0:
@@ -255,68 +246,30 @@ def _worker(loop: dict[str, Any]) -> None:
         if group is not None:
             Path(loop["group_file"]).parent.mkdir(parents=True, exist_ok=True)
             Path(loop["group_file"]).write_text(group.id.hex())
-    scratch = Path(os.environ.get("VPNS_SCRATCH", tempfile.gettempdir())) / "vpns-trials" / \
-        f"{loop['trial_id']}-rank{rank}-{os.getpid()}"
-    workdir = scratch / "work"
+    nodes = dp.gather(here["node_id"])
+    placement = {**loop["placement"], **here, "workers": str(dp.world), "worker_nodes": ",".join(nodes)}
+    scratch = scratch_root() / f"{loop['trial_id']}-rank{rank}-{os.getpid()}"
     shutil.rmtree(scratch, ignore_errors=True)
-    workdir.mkdir(parents=True)
     try:
-        _run_rank(loop, cfg, dp, rank, scratch, workdir, {
-            **loop["placement"], "node_id": node_id, "gpu_ids": ",".join(map(str, gpu_ids)),
-            "device": device, "device_fallback": fallback}, run_trial)
+        run_attempt(cfg, scratch, placement, loop["resume"], _RankChannel(loop["mailbox"], rank))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _run_rank(loop, cfg, dp, rank, scratch, workdir, placement, run_trial) -> None:
-    nodes = dp.gather(placement["node_id"])
-    attempts = [nodes[0]]  # rank 0's node, one entry per attempt
-    resume = False
-    restored = loop["resume"]
-    if restored is not None:
-        with restored.as_directory() as folder:
-            folder = Path(folder)
-            if (folder / NODES).is_file():
-                attempts = (folder / NODES).read_text().split(",") + attempts
-            shutil.copyfile(folder / CHECKPOINT, workdir / CHECKPOINT)
-        resume = True
-    placement = {**placement, "nodes": ",".join(attempts), "workers": str(dp.world),
-                 "worker_nodes": ",".join(nodes)}
-    (scratch / NODES).write_text(placement["nodes"])
-    usage = Usage(placement["device"])  # rank 0's process: the trial's reported use
+class _RankChannel:
+    """How a rank reports (:class:`sweeps.attempt.Channel`): every rank calls
+    ``ray.train.report`` (rank 0 with the checkpoint), then rank 0 waits for the driver's answer
+    and broadcasts it, so every rank raises :class:`sweeps.attempt.Stopped` when Tune stopped
+    the trial."""
 
-    def send(metrics: dict[str, Any], folder: Path | None) -> None:
+    def __init__(self, mailbox, rank: int) -> None:
+        self.mailbox = mailbox
+        self.main = rank == 0
+
+    def send(self, metrics: dict[str, Any], folder: Path | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(folder) if folder is not None else None
         ray.train.report(metrics, checkpoint=checkpoint)
-        answer = [ray.get(loop["mailbox"].next_answer.remote()) if rank == 0 else None]
+        answer = [ray.get(self.mailbox.next_answer.remote()) if self.main else None]
         torch.distributed.broadcast_object_list(answer, src=0)
         if answer[0] == "stop":
-            raise _Stopped
-
-    def report(metrics: dict[str, Any]) -> None:
-        if rank != 0:  # rank 0's report is the trial's; the others only keep step with it
-            send({"epoch": metrics["epoch"]}, None)
-            return
-        metrics = {**metrics, **placement, "planned_epochs": loop["planned"], "system": usage.sample()}
-        with tempfile.TemporaryDirectory(dir=scratch, prefix="report-") as tmp:
-            _link(workdir / CHECKPOINT, Path(tmp) / CHECKPOINT)
-            _link(scratch / NODES, Path(tmp) / NODES)
-            send(metrics, Path(tmp))
-
-    try:
-        result = run_trial(cfg, workdir, reporter=report, resume=resume)
-    except _Stopped:
-        return
-    final = {**result.final, **placement, "ended_at": _now(), "final": 1,
-             "planned_epochs": loop["planned"]}
-    final[METRIC] = final.get("selected_val_acc", final.get(METRIC))
-    if rank != 0:
-        send({"final": 1}, None)
-        return
-    out = scratch / "final"
-    write_artifacts(cfg, workdir, out, final)
-    _link(scratch / NODES, out / NODES)
-    try:
-        send(final, out)
-    except _Stopped:
-        pass
+            raise Stopped

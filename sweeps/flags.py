@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import search_spaces
-from sweeps.preflight import UsageError
+from sweeps import gpus
+from sweeps.errors import UsageError
 from vpns_core.files import CheckpointError
 from vpns_core.config import Config, ConfigError
 from vpns_core.registry import UnknownNameError
@@ -71,9 +72,11 @@ def build_parser(script: str, doc: str | None, search: str, scheduler: str,
     add("--cpus-per-trial", type=float, default=float(os.environ.get("VPNS_CPUS_PER_TRIAL", 1)),
         help="CPUs per trial (per worker with --workers-per-trial), fractions allowed "
              "(default $VPNS_CPUS_PER_TRIAL or 1)")
-    add("--gpus-per-trial", type=float, default=float(os.environ.get("VPNS_GPUS_PER_TRIAL", 0)),
-        help="GPUs per trial (per worker with --workers-per-trial: 0 or 1), fractions allowed "
-             "(default $VPNS_GPUS_PER_TRIAL or 0)")
+    gpus = os.environ.get("VPNS_GPUS_PER_TRIAL")
+    add("--gpus-per-trial", type=float, default=float(gpus) if gpus else None,
+        help="GPUs per trial (per worker with --workers-per-trial: 0 or 1), fractions such as 0.5 "
+             "pack small trials on one GPU (default $VPNS_GPUS_PER_TRIAL, else 1 when this machine "
+             "has an NVIDIA GPU and the sweep runs on it, 0 otherwise and with --address)")
     add("--max-failures", type=int, default=1, help="retries of a trial that raises before it is marked failed")
     add("--retry-failed", action="store_true", help="with --resume: run failed trials again from scratch")
     add("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped")
@@ -118,3 +121,25 @@ def runtime_fields(args: argparse.Namespace, preset_workers: int | None = None) 
     workers = None if preset_workers is None else min(preset_workers, threads - 1)
     return {"num_threads": threads, "device": "cuda" if args.gpus_per_trial > 0 else "cpu",
             "download": False, "num_workers": workers}
+
+
+def resolve_gpus_per_trial(args: argparse.Namespace) -> None:
+    """Fill in ``--gpus-per-trial`` when neither the flag nor ``$VPNS_GPUS_PER_TRIAL`` gave it:
+    one GPU per trial on a machine that has one (:func:`sweeps.gpus.local_gpus`), none
+    without. With ``--address`` the trials run on the cluster's nodes, not here: 0, as the
+    cluster's own setup says otherwise (``VPNS_GPUS_PER_TRIAL`` in ``cluster/cluster.yaml``)."""
+    if args.gpus_per_trial is None:
+        args.gpus_per_trial = 1.0 if not args.address and gpus.local_gpus() > 0 else 0.0
+
+
+def trials_on(args: argparse.Namespace) -> str:
+    """Where the trials train, for the sweep's first line: ``trials on cuda (1 GPU each)``,
+    ``trials on cpu``, ``trials on cuda (2 workers of 1 GPU each)``. ``--set device=...``
+    has the last word, as in the trials' configs."""
+    device = parse_overrides(args.set).get("device", runtime_fields(args)["device"])
+    workers = getattr(args, "workers_per_trial", 1)
+    each = f"{args.gpus_per_trial:g} GPU each" if args.gpus_per_trial > 0 else ""
+    if workers > 1:
+        each = f"{workers} workers" + (f" of {each}" if each else "")
+    device = "cuda where usable, else cpu (device=auto)" if device == "auto" else device
+    return f"trials on {device}" + (f" ({each})" if each else "")

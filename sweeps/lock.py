@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from sweeps.preflight import UsageError
+from sweeps.errors import UsageError
 
 LOCK_NAME = "driver.lock"
 

@@ -38,7 +38,8 @@ from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from search_spaces.pareto import ParetoSpace
-from sweeps.preflight import UsageError, check_multiobjective
+from sweeps.errors import UsageError
+from sweeps.preflight import check_multiobjective
 from sweeps.results import Phase
 from sweeps.schedulers import PhaseSearch, trial_dirname
 from sweeps.tracking import failure_reason

@@ -19,15 +19,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
+from sweeps.errors import UsageError
+from sweeps.flags import METRIC, MODE
+
 if TYPE_CHECKING:
     from vpns_core.pareto import Budget
 
 TIMEOUT = 3.0  # seconds a network check waits
 TRACKING_SCHEMES = ("sqlite", "http", "https", "file")
-
-
-class UsageError(ValueError):
-    """A flag, a ``--set`` or what they point at is wrong; the message names it and the fix."""
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -72,7 +71,6 @@ def check_flags(args: argparse.Namespace) -> None:
 def check_multiobjective(args: argparse.Namespace) -> tuple[tuple[str, ...], "Budget"]:
     """``--objectives`` and ``--budget`` of a Pareto search (``sweeps/pareto.py``), and the shared
     flags it cannot honour: returns the costs to minimise and the budget."""
-    from sweeps.flags import METRIC, MODE
     from vpns_core.pareto import parse_budget, parse_objectives
     try:
         costs = parse_objectives(args.objectives)

@@ -7,7 +7,7 @@ import sys
 
 from search_spaces import prompt_effect
 from sweeps.sweep import run_sweep
-from sweeps.preflight import UsageError
+from sweeps.errors import UsageError
 
 
 def flags(parser):

@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 from search_spaces.points import resolve
 from sweeps.flags import METRIC
+from sweeps.placement import PLACEMENT
 from sweeps.text_table import print_table
 from sweeps.tracking import FINAL_PREFIXES, TUNE_KEYS, error_text
-from sweeps.trainable import PLACEMENT
 from vpns_core.checkpoint import atomic_write
 from vpns_core.stats import mean_std, pick
 

@@ -38,9 +38,11 @@ from search_spaces.points import (check_points, driver_config, listed_axes, long
                                   named_points, point_configs)
 from sweeps import lock
 from sweeps.code_version import git_commit
-from sweeps.flags import DEFINING, RESULTS, USER_ERRORS, build_parser, parse_overrides, runtime_fields
-from sweeps.preflight import (UsageError, check_address, check_cluster_resources, check_flags,
-                              check_folder, check_local_resources, check_set_against_space,
+from sweeps.errors import UsageError
+from sweeps.flags import (DEFINING, RESULTS, USER_ERRORS, build_parser, parse_overrides, resolve_gpus_per_trial,
+                          runtime_fields, trials_on)
+from sweeps.preflight import (check_address, check_cluster_resources, check_flags, check_folder,
+                              check_local_resources, check_set_against_space,
                               check_tracking_uri, read_sweep_json)
 from sweeps.resources import check_resources, prepare_resources
 from vpns_core.config import Config, check_label_mapping_samples
@@ -381,7 +383,7 @@ def _drive(sweep: Sweep, plan: Callable[[Sweep], None], started: float, own_ray:
         command = ui_command(args.tracking_uri)
         if lost is None:
             print(f"[{sweep.name}] {args.search} search, {args.scheduler} scheduler, preset "
-                  f"{args.preset}; results in {sweep.dir}; MLflow {args.tracking_uri} (trials by "
+                  f"{args.preset}; {trials_on(args)}; results in {sweep.dir}; MLflow {args.tracking_uri} (trials by "
                   f"accuracy: {link})" + (f"\n[{sweep.name}] MLflow UI for this store: {command}"
                                           if command else ""), flush=True)
         ran = True
@@ -488,7 +490,9 @@ def _hold(args: argparse.Namespace, name: str, resuming: bool) -> lock.SweepLock
 def _preflight(script: str, args: argparse.Namespace, plan: Callable[[Sweep], None],
                num_samples: int) -> tuple[str, bool]:
     """Every check that needs no Ray and writes nothing; returns the sweep's name and whether it
-    resumes. A dry run of ``plan`` checks each phase's space."""
+    resumes. A dry run of ``plan`` checks each phase's space. ``--gpus-per-trial`` left out is
+    filled in here (:func:`sweeps.flags.resolve_gpus_per_trial`)."""
+    resolve_gpus_per_trial(args)
     check_flags(args)
     check_folder("--storage-path", args.storage_path)
     storage = Path(args.storage_path).expanduser().resolve()

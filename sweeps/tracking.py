@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING, Any
 from ray import tune
 
 from search_spaces.points import driver_config, resolve
+from sweeps.attempt import FINAL
 from sweeps.code_version import git_commit
-from sweeps.trainable import FINAL, PLACEMENT
+from sweeps.placement import PLACEMENT
 from vpns_core.config import Config
 from vpns_core.export import PROGRAM, UNPROMPTED_PROGRAM
 
@@ -218,7 +219,7 @@ class _RunState:
 
 
 def placement_tags(result: dict[str, Any]) -> list:
-    """Where a trial ran (node, host, GPUs, device; see ``sweeps.trainable.PLACEMENT``) as the
+    """Where a trial ran (node, host, GPUs, device; see ``sweeps.placement.PLACEMENT``) as the
     run's tags, from one of its reports."""
     from mlflow.entities import RunTag
     return [RunTag(k, str(result[k])) for k in PLACEMENT if result.get(k) not in (None, "")]

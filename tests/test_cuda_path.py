@@ -56,7 +56,7 @@ def test_rng_state_saves_and_restores_only_the_trial_device(monkeypatch):
 
 
 def test_trials_sharing_a_gpu_get_their_share_of_its_memory(monkeypatch):
-    from sweeps.trainable import cap_gpu_memory
+    from sweeps.placement import cap_gpu_memory
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", calls.append)
@@ -179,3 +179,48 @@ def test_cuda_device_batches_match_the_loader(tmp_path):
     for (x, y), (xr, yr) in zip(loader, reference):
         assert x.is_cuda and torch.equal(y.cpu(), yr)
         assert (x.cpu().int() - xr.int()).abs().max() <= 1  # GPU and CPU resize round alike
+
+
+def test_a_sweep_takes_one_gpu_per_trial_where_there_is_one_unless_told(monkeypatch):
+    """Issue 29: on a machine with an NVIDIA GPU a sweep's trials use it (one GPU each) unless
+    --gpus-per-trial (or $VPNS_GPUS_PER_TRIAL) says otherwise; without one nothing changes. The
+    first line of the sweep says where its trials train."""
+    from sweeps import gpus
+    from sweeps.flags import build_parser, resolve_gpus_per_trial, runtime_fields, trials_on
+
+    def resolved(*flags):
+        args = build_parser("ablation_pad", None, "grid", "fifo", 8).parse_args(list(flags))
+        resolve_gpus_per_trial(args)
+        return args
+
+    monkeypatch.delenv("VPNS_GPUS_PER_TRIAL", raising=False)
+    monkeypatch.setattr(gpus, "local_gpus", lambda: 0)  # a machine without one
+    args = resolved()
+    assert args.gpus_per_trial == 0 and runtime_fields(args)["device"] == "cpu"
+    assert trials_on(args) == "trials on cpu"
+    monkeypatch.setattr(gpus, "local_gpus", lambda: 1)  # a machine with a GPU
+    args = resolved()
+    assert args.gpus_per_trial == 1 and runtime_fields(args)["device"] == "cuda"
+    assert trials_on(args) == "trials on cuda (1 GPU each)"
+    assert trials_on(resolved("--gpus-per-trial", "0.5")) == "trials on cuda (0.5 GPU each)"  # packed
+    assert resolved("--gpus-per-trial", "0.5").gpus_per_trial == 0.5
+    assert trials_on(resolved("--gpus-per-trial", "0")) == "trials on cpu"  # told not to
+    assert trials_on(resolved("--workers-per-trial", "2")) == "trials on cuda (2 workers of 1 GPU each)"
+    assert trials_on(resolved("--set", "device=auto")).startswith("trials on cuda where usable, else cpu")
+    assert resolved("--address", "auto").gpus_per_trial == 0  # a cluster's trials run on its nodes
+    monkeypatch.setenv("VPNS_GPUS_PER_TRIAL", "0")
+    assert resolved().gpus_per_trial == 0
+
+
+def test_the_gpu_count_is_the_one_a_local_ray_declares(monkeypatch):
+    """NVML's count, at most as many as CUDA_VISIBLE_DEVICES lists (what Ray does)."""
+    from sweeps import gpus
+    assert gpus._nvml_device_count() >= 0  # also where there is no NVIDIA driver (0)
+    monkeypatch.setattr(gpus, "_nvml_device_count", lambda: 4)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert gpus.local_gpus() == 4
+    for visible, count in (("", 0), ("NoDevFiles", 0), ("1", 1), ("0,2", 2), ("0,1,2,3,4,5", 4)):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        assert gpus.local_gpus() == count, visible
+    monkeypatch.setattr(gpus, "_nvml_device_count", lambda: 0)  # no NVIDIA driver
+    assert gpus.local_gpus() == 0

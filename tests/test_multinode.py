@@ -26,7 +26,7 @@ from ray.cluster_utils import Cluster
 
 from sweeps import ablation_pad
 from sweeps.sweep import LOCAL_RAY_SYSTEM_CONFIG
-from sweeps.trainable import place
+from sweeps.placement import place
 from vpns_core.errors import ConfigError
 
 # A node's death is noticed after health_check_period_ms x failure_threshold (15 s by default).

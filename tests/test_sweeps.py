@@ -174,6 +174,7 @@ def test_optuna_on_listed_points_only_samples_each_point_once(tmp_path, tracking
     start = next(i for i, line in enumerate(lines) if "(trials by accuracy: " in line)
     first, second = lines[start:start + 2]
     name = sweep_dir(tmp_path).name
+    assert f"fifo scheduler, preset tiny; trials on cpu; results in {sweep_dir(tmp_path)}; " in first  # no GPU here
     assert re.search(r"\(trials by accuracy: http://127\.0\.0\.1:5000/#/experiments/\d+/runs\?"
                      rf"viewStateShareKey=trials-{re.escape(name)}&workflowType=machine_learning\)$", first)
     assert re.fullmatch(rf"\[{re.escape(name)}\] MLflow UI for this store: "
