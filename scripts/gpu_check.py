@@ -219,6 +219,45 @@ def step_semi_structured(device: torch.device, quick: bool) -> dict[str, Any]:
     return out
 
 
+def step_shared_gpu_sweep(device: torch.device, workdir: Path, data_root: str | None) -> dict[str, Any]:
+    """A Ray Tune sweep of two tiny trials sharing one GPU (``--gpus-per-trial 0.5``, two at
+    once): both finish on CUDA, and they overlapped in time. On a CPU (the dry run) the same two
+    trials share the CPU. Needs Ray: the lent device image has only torch, so there it reports
+    why it was skipped (on a machine set up with ``scripts/setup.sh`` it runs)."""
+    import importlib.util
+    import subprocess
+    import sys
+    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("mlflow") is None:
+        return {"skipped": "Ray Tune and MLflow are not installed here (the lent device image has "
+                           "only torch); run this check on a machine set up with scripts/setup.sh"}
+    store = workdir / "sweep"
+    command = [sys.executable, str(ROOT / "sweeps" / "ablation_pad.py"), "--preset", "tiny", "--seeds", "7",
+               "--search", "grid", "--scheduler", "fifo", "--max-concurrent", "2", "--cpus-per-trial", "1",
+               "--gpus-per-trial", "0.5" if device.type == "cuda" else "0", "--name", "shared",
+               "--storage-path", str(store), "--tracking-uri", f"sqlite:///{workdir / 'mlflow.db'}",
+               "--set", f"device={device.type}"]
+    if data_root:
+        command += ["--data-root", data_root]
+    t0 = time.perf_counter()
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    wall = time.perf_counter() - t0
+    if run.returncode != 0:
+        raise RuntimeError(f"the sweep exited {run.returncode}: {run.stderr.strip().splitlines()[-1:]}")
+    first = next((line for line in run.stdout.splitlines() if "trials on" in line), "")
+    results = [json.loads(line) for f in sorted(store.glob("shared/trials/*/result.json"))
+               for line in f.read_text().splitlines()[-1:] if line.strip()]
+    finals = [r for r in results if r.get("final")]
+    spans = sorted((r["started_at"], r["ended_at"]) for r in finals)  # ISO times, one clock
+    overlapped = len(spans) >= 2 and spans[1][0] < spans[0][1]
+    devices = sorted({str(r.get("device")) for r in finals})
+    if len(finals) < 2 or not overlapped or devices != [device.type]:
+        raise RuntimeError(f"expected 2 trials at once on {device.type}: {len(finals)} finished, "
+                           f"overlapped={overlapped}, devices {devices}")
+    return {"wall_s": round(wall, 1), "first_line": first.strip()[:160], "trials": len(finals),
+            "overlapped": overlapped, "devices": devices,
+            "gpu_ids": sorted({str(r.get("gpu_ids")) for r in finals})}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -243,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
              ("resume", lambda: step_resume(device, work, args.data_root)),
              ("default", lambda: step_default(device, args.quick, work, args.data_root)),
              ("jpeg_folder", lambda: step_jpeg_folder(args.quick)),
-             ("semi_structured", lambda: step_semi_structured(device, args.quick))]
+             ("semi_structured", lambda: step_semi_structured(device, args.quick)),
+             ("shared_gpu_sweep", lambda: step_shared_gpu_sweep(device, work, args.data_root))]
     failed = 0
     try:
         for name, fn in steps:
