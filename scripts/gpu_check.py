@@ -96,7 +96,7 @@ def step_threshold(device: torch.device, n: int) -> dict[str, Any]:
 
 def step_no_sync(device: torch.device, size: int, batch: int) -> dict[str, Any]:
     args = argparse.Namespace(model="resnet18", sparsity=0.9, allocation="global", threads=1,
-                              device=str(device), amp=True)
+                              device=str(device), amp=True, pattern="2:4")
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         for variant in ("stage1", "stage2"):
