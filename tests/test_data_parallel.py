@@ -98,6 +98,7 @@ def test_sharded_batches_split_every_global_batch_and_cover_each_image_once():
     assert seen == list(range(n))  # in order: each of the 103 images on exactly one rank
 
 
+@pytest.mark.slow  # several processes, end to end
 def test_two_ranks_train_like_one_process_and_resume_across_worker_counts(tmp_path):
     # one process, with its checkpoint after epoch 1 kept for the 2-rank resume
     single_record = _Recorder(keep=1, copy_to=tmp_path / "one_rank_epoch1.pt")
@@ -238,6 +239,7 @@ def _kill_a_worker_after_first_epoch(storage: Path, killed: list, stop: threadin
         time.sleep(0.05)
 
 
+@pytest.mark.slow  # several processes, end to end
 def test_sweep_on_two_workers_per_trial_survives_a_killed_worker(tmp_path, ray_train_session, mlflow_store):
     import pyarrow.parquet as pq
     from mlflow.tracking import MlflowClient

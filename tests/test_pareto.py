@@ -222,6 +222,7 @@ def swept(tmp_path_factory, ray_session, mlflow_store):
     return root, folder, tracking, argv, pq.read_table(folder / "trials.parquet").to_pylist()
 
 
+@pytest.mark.slow  # the budget sweep (module fixture, about a minute)
 def test_the_sweep_records_objectives_ranks_and_feasibility(swept):
     root, folder, tracking, _, rows = swept
     search = [r for r in rows if r["phase"] == "search"]
@@ -271,6 +272,7 @@ def test_the_sweep_records_objectives_ranks_and_feasibility(swept):
     assert sum(",NO" in line for line in table) == sum(not r["feasible"] for r in rows)
 
 
+@pytest.mark.slow  # the budget sweep (module fixture, about a minute)
 def test_the_figure_and_report_show_the_front(swept):
     root, folder, tracking, _, rows = swept
     assert (folder / "figures" / "pareto.png").stat().st_size > 10_000
@@ -286,6 +288,7 @@ def test_the_figure_and_report_show_the_front(swept):
     assert len(front) and front["test_acc_pct"].notna().all() and others["test_acc_pct"].isna().all()
 
 
+@pytest.mark.slow  # the budget sweep (module fixture, about a minute)
 def test_pick_hands_back_the_most_accurate_model_that_fits(swept, tmp_path, capsys):
     root, folder, tracking, _, rows = swept
     out = tmp_path / "chosen" / "model.pt"
@@ -333,6 +336,7 @@ def dense_params(rows):
     return next(r["params_m"] for r in rows if r["phase"] == "dense")
 
 
+@pytest.mark.slow  # the budget sweep (module fixture, about a minute)
 def test_resume_tags_the_ranks_again(swept):
     root, folder, tracking, argv, rows = swept
     from sweeps import pareto

@@ -10,7 +10,8 @@ from vpns_core.train import Trial
 from conftest import tiny
 
 
-@pytest.mark.parametrize("schedule,mask_epochs", [("paper", 1), ("reference", 2)])
+@pytest.mark.parametrize("schedule,mask_epochs", [("paper", 1),
+                                                  pytest.param("reference", 2, marks=pytest.mark.slow)])
 def test_worker_processes_change_nothing_and_loaders_persist(schedule, mask_epochs, tmp_path):
     curves = {}
     for workers in (0, 1):

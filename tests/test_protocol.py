@@ -195,7 +195,7 @@ def test_prompt_plain_pass_without_the_frame():
     assert same.is_identity()  # input = output: nothing to drop
 
 
-@pytest.mark.parametrize("model", ["tiny_resnet", "efficientnet_lite0"])  # Lite0 has dropout
+@pytest.mark.parametrize("model", ["tiny_resnet", pytest.param("efficientnet_lite0", marks=pytest.mark.slow)])  # Lite0 has dropout
 def test_a_frozen_prompt_is_hydra_exactly(model, tmp_path):
     """VPNs whose prompt is frozen at zero (``learn_prompt=False``) is the same computation as
     HYDRA under the paper schedule: any difference would be a bug in the prompted path (it was

@@ -63,7 +63,12 @@ def check_run_contents(tracking, runs):
         assert ("prompt.png" in names) == (params["prompt"] != "none")
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+#: the one sweep the fast tier runs end to end (the main command's script); the others are slow
+FAST_SCRIPT = "ablation_pad"
+
+
+@pytest.mark.parametrize("script", [s if s == FAST_SCRIPT else pytest.param(s, marks=pytest.mark.slow)
+                                    for s in SCRIPTS])
 def test_every_sweep_script_runs_on_the_tiny_preset(script, tmp_path, tracking, ray_session):
     module = importlib.import_module(f"sweeps.{script}")
     logs_models = script == "ablation_pad"  # its runs are also checked in full
@@ -140,6 +145,7 @@ def test_the_printed_table_says_1_seed_never_nan(capsys):
         assert f"0.400 ({unit})" in out and "0.650 ± 0.071" in out and "nan" not in out
 
 
+@pytest.mark.slow  # a Ray Tune sweep end to end (tens of seconds on 2 cores)
 def test_optuna_and_asha_stop_trials_early(tmp_path, tracking, ray_session):
     from sweeps import learning_rates
     # The tiny trials stay near chance, where 32 validation images tie; the training loss doesn't.
@@ -161,6 +167,7 @@ def test_optuna_and_asha_stop_trials_early(tmp_path, tracking, ray_session):
     assert not [t for t in trials if (scratch / t["trial_id"]).exists()]  # stopped ones cleaned up
 
 
+@pytest.mark.slow  # a Ray Tune sweep end to end (tens of seconds on 2 cores)
 def test_optuna_on_listed_points_only_samples_each_point_once(tmp_path, tracking, ray_session, capsys):
     from sweeps import ablation_pad
     tiny = presets.base("tiny")
@@ -187,6 +194,7 @@ def test_optuna_on_listed_points_only_samples_each_point_once(tmp_path, tracking
     assert pickle.loads(pickle.dumps(sampler))._all_grids == sampler._all_grids  # Tune saves it
 
 
+@pytest.mark.slow  # a Ray Tune sweep end to end (tens of seconds on 2 cores)
 def test_a_failing_trial_is_retried_marked_failed_and_the_sweep_finishes(tmp_path, tracking, ray_session):
     # a readable mask file (so the preflight passes it) that fits no layer: fails in the trial
     import torch
@@ -212,6 +220,7 @@ def test_a_failing_trial_is_retried_marked_failed_and_the_sweep_finishes(tmp_pat
     assert (folder / "test_failures_table.csv").read_text().count("\n") == 3
 
 
+@pytest.mark.slow  # a Ray Tune sweep end to end (tens of seconds on 2 cores)
 def test_a_diverging_trial_fails_with_its_reason_and_the_sweep_goes_on(tmp_path, tracking, ray_session):
     def plan(sweep):
         sweep.run_phase("trials", presets.base("tiny"),

@@ -102,6 +102,7 @@ def sweep_runs(client: MlflowClient, sweep: str) -> tuple[list, dict]:
     return parents, trials
 
 
+@pytest.mark.slow  # a sweep through a real MLflow server (module fixture)
 def test_a_sweep_logs_runs_metrics_and_artifacts_through_the_server(server, served):
     client = MlflowClient(server.url)
     experiment = client.get_experiment_by_name("ablation_pad")
@@ -129,6 +130,7 @@ def test_a_sweep_logs_runs_metrics_and_artifacts_through_the_server(server, serv
     assert len(stored) == 3  # the files went through the server into its artifact folder
 
 
+@pytest.mark.slow  # a sweep through a real MLflow server (module fixture)
 def test_the_analysis_and_the_report_read_the_runs_back_from_the_server(server, served, tmp_path, capsys):
     from analysis import __main__ as cli
     from analysis import report
@@ -161,6 +163,7 @@ def page_text(url: str, profile: Path, width: int = 1280) -> str:
     return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))
 
 
+@pytest.mark.slow  # a sweep through a real MLflow server (module fixture)
 def test_the_ui_opens_the_experiment_on_its_training_runs(server, served, tmp_path):
     experiment = MlflowClient(server.url).get_experiment_by_name("ablation_pad")
     url = ui_link(server.url, experiment.experiment_id)  # what the sweep prints at its start
@@ -170,6 +173,7 @@ def test_the_ui_opens_the_experiment_on_its_training_runs(server, served, tmp_pa
     assert "Token Usage" not in text and "Tokens per Trace" not in text  # not the GenAI overview
 
 
+@pytest.mark.slow  # a sweep through a real MLflow server (module fixture)
 def test_the_link_the_sweep_prints_shows_its_trials_by_accuracy_with_their_dataset(server, served, tmp_path):
     printed = (served.parent / "served.out").read_text()
     link = re.search(r"\(trials by accuracy: (\S+)\)", printed.splitlines()[0]).group(1)

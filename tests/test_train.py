@@ -61,7 +61,7 @@ def test_an_identity_prompt_is_evaluated_once(method, passes, tmp_path, monkeypa
         assert set(calls) == {False}  # a method without a prompt only ever runs plain passes
 
 
-@pytest.mark.parametrize("model", ["tiny_resnet", "efficientnet_lite0"])  # Lite0 has dropout
+@pytest.mark.parametrize("model", ["tiny_resnet", pytest.param("efficientnet_lite0", marks=pytest.mark.slow)])  # Lite0 has dropout
 def test_test_set_only_where_read_gives_the_same_selected_results(model, tmp_path, monkeypatch):
     """Skipping the test passes nobody reads changes no number that is read, and saves passes."""
     calls = {}
