@@ -12,7 +12,8 @@
 # 5 + 5 VPNs steps under sync-debug "error"; a 1 + 1-epoch ResNet-18 trial at 224 px with
 # images/s, peak memory and exact sparsity; a CPU checkpoint resumed on the GPU), then
 # benchmarks/masked_step.py at 224 px, batch 256, with and without AMP, global and ERK
-# allocation, NCHW and channels_last side by side, then the CUDA tests (pytest -m cuda).
+# allocation, NCHW and channels_last side by side, the 2:4 masked step beside 50% unstructured,
+# then the CUDA tests (pytest -m cuda).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -64,6 +65,11 @@ for alloc in global erk; do
       --layout both --clock wall $amp --out "$OUT/masked_step_${alloc}${amp:+_amp}.json" || status=1
   done
 done
+
+echo "== masked_step: 2:4 against 50% unstructured and dense (issue 30)"
+"$PYTHON" -m benchmarks.masked_step --device "$DEVICE" "${sizes[@]}" --sparsity 0.5 --pattern 2:4 \
+  --variants dense stage1 stage1_nm stage2 stage2_nm --layout auto --clock wall --amp \
+  --out "$OUT/masked_step_2_4.json" || status=1
 
 echo "== CUDA tests"
 if [ "$DEVICE" = cuda ]; then

@@ -11,7 +11,7 @@ from conftest import tiny
 
 
 @pytest.mark.parametrize("schedule,mask_epochs", [("paper", 1),
-                                                  pytest.param("reference", 2, marks=pytest.mark.slow)])
+                                                  pytest.param("reference", 1, marks=pytest.mark.slow)])
 def test_worker_processes_change_nothing_and_loaders_persist(schedule, mask_epochs, tmp_path):
     curves = {}
     for workers in (0, 1):
