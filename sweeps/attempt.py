@@ -30,6 +30,11 @@ from vpns_core.config import Config
 CHECKPOINT = "checkpoint.pt"
 FINAL = "final.json"
 NODES = "nodes.txt"  # in every reported checkpoint: the nodes the trial's attempts ran on
+#: in every reported checkpoint: every epoch row the trial reported so far, one JSON line each,
+#: carried from checkpoint to checkpoint. Tune's own result.json can lose the rows written
+#: before its driver was killed (a resumed trial's file restarts from storage's copy); the
+#: Parquet export reads the rows it lacks from here (sweeps.results.collect)
+EPOCHS = "epochs.jsonl"
 
 
 class Stopped(Exception):
@@ -90,6 +95,8 @@ def run_attempt(cfg: Config, scratch: Path, placement: dict[str, str], restored:
             shutil.copyfile(folder / CHECKPOINT, workdir / CHECKPOINT)
             if (folder / NODES).is_file():  # one entry per attempt that reported
                 nodes = (folder / NODES).read_text().split(",") + nodes
+            if (folder / EPOCHS).is_file():
+                shutil.copyfile(folder / EPOCHS, scratch / EPOCHS)
         resume = True
     placement = {**placement, "nodes": ",".join(nodes)}
     (scratch / NODES).write_text(placement["nodes"])
@@ -99,11 +106,14 @@ def run_attempt(cfg: Config, scratch: Path, placement: dict[str, str], restored:
         if not channel.main:  # the main process's report is the trial's
             channel.send({"epoch": metrics["epoch"]}, None)
             return
+        row = {**metrics, **placement, "planned_epochs": planned, "system": usage.sample()}
+        with (scratch / EPOCHS).open("a") as log:
+            log.write(json.dumps(row, default=str) + "\n")
         with tempfile.TemporaryDirectory(dir=scratch, prefix="report-") as tmp:
             link(workdir / CHECKPOINT, Path(tmp) / CHECKPOINT)
             link(scratch / NODES, Path(tmp) / NODES)
-            channel.send({**metrics, **placement, "planned_epochs": planned, "system": usage.sample()},
-                         Path(tmp))
+            shutil.copyfile(scratch / EPOCHS, Path(tmp) / EPOCHS)  # a copy: the log grows on
+            channel.send(row, Path(tmp))
 
     try:
         # resume=False without a Tune checkpoint: an epoch Tune never saw must run (and report) again
@@ -115,6 +125,8 @@ def run_attempt(cfg: Config, scratch: Path, placement: dict[str, str], restored:
         final[METRIC] = final.get("selected_val_acc", final.get(METRIC))  # the selected model's
         write_artifacts(cfg, workdir, scratch / "final", final)
         link(scratch / NODES, scratch / "final" / NODES)
+        if (scratch / EPOCHS).is_file():
+            shutil.copyfile(scratch / EPOCHS, scratch / "final" / EPOCHS)
         shutil.rmtree(workdir)
         report_final(final, scratch / "final", scratch, channel)
     except Stopped:

@@ -56,6 +56,8 @@ def collect(path: Path, phase: str, points: dict[str, dict]) -> list[dict[str, A
                 final = r
             elif "epoch" in r:
                 epochs[int(r["epoch"])] = r  # a resumed trial may repeat an epoch: keep the last
+        for r in _checkpoint_epochs(trial.checkpoint):  # rows Tune's file lost to a killed driver
+            epochs.setdefault(int(r["epoch"]), {**r, "trial_id": trial.trial_id})
         error = error_text(trial) if trial.status == "ERROR" else None
         records.append({
             "phase": phase, "trial_id": trial.trial_id, "status": trial.status,
@@ -66,6 +68,14 @@ def collect(path: Path, phase: str, points: dict[str, dict]) -> list[dict[str, A
             "checkpoint": trial.checkpoint.path if trial.checkpoint is not None else None,
         })
     return records
+
+
+def _checkpoint_epochs(checkpoint) -> list[dict[str, Any]]:
+    """The epoch rows the trial carried in its last checkpoint (``sweeps.attempt.EPOCHS``)."""
+    from sweeps.attempt import EPOCHS
+    if checkpoint is None:
+        return []
+    return [r for r in _read_results(Path(checkpoint.path) / EPOCHS) if "epoch" in r]
 
 
 def _read_results(path: Path) -> list[dict[str, Any]]:
