@@ -73,6 +73,28 @@ INTERRUPTED = 130
 LOCAL_RAY_SYSTEM_CONFIG = {"prestart_worker_first_driver": False}
 
 
+
+TUNER_STATE, TUNER_STATE_COPY = "tuner.pkl", "tuner.pkl.last"
+
+
+def keep_tuner_state(path: Path) -> None:
+    """A whole copy of Tune's ``tuner.pkl`` (written when the Tuner was made or restored) beside
+    it: Tune rewrites the file in place, so a driver killed while it writes leaves it empty."""
+    state = path / TUNER_STATE
+    if state.is_file() and state.stat().st_size > 0:
+        tmp = path / (TUNER_STATE_COPY + ".tmp")
+        shutil.copyfile(state, tmp)
+        os.replace(tmp, path / TUNER_STATE_COPY)
+
+
+def recover_tuner_state(path: Path) -> None:
+    """Put the copy back when ``tuner.pkl`` is empty (its writer was killed), so the phase
+    resumes instead of failing to unpickle nothing."""
+    state, copy = path / TUNER_STATE, path / TUNER_STATE_COPY
+    if state.is_file() and state.stat().st_size == 0 and copy.is_file():
+        shutil.copyfile(copy, state)
+
+
 class SweepInterrupted(Exception):
     """A phase stopped before all its trials ended (Ctrl-C); ``--resume`` continues it."""
 
@@ -198,6 +220,7 @@ class Sweep:
         from sweeps.tracking import MLflowTracker
         from sweeps.trainable import trainable
         path = self.dir / name
+        recover_tuner_state(path)
         if self.lost is not None and not tune.Tuner.can_restore(str(path)):
             raise self.lost  # the phase never started
         if self.lost is None:
@@ -241,6 +264,8 @@ class Sweep:
                                    failure_config=tune.FailureConfig(max_failures=args.max_failures),
                                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                    verbose=1))
+        if tuner is not None:
+            keep_tuner_state(path)
         stop: SweepInterrupted | None = None
         try:
             if tuner is not None:

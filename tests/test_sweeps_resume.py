@@ -323,3 +323,19 @@ def test_ctrl_c_closes_child_runs_and_says_interrupted_last(tmp_path):
     (parent,) = client.search_runs([killed[0].info.experiment_id],
                                    filter_string="tags.sweep = 'killed' and tags.role = 'parent'")
     assert parent.info.status == "KILLED"
+
+
+def test_an_emptied_tuner_state_is_put_back_from_its_copy(tmp_path):
+    """Tune rewrites tuner.pkl in place: a driver killed while it writes leaves it empty, and the
+    resume would fail to unpickle it (seen in CI). The sweep keeps a whole copy and restores it."""
+    from sweeps.sweep import TUNER_STATE, TUNER_STATE_COPY, keep_tuner_state, recover_tuner_state
+    (tmp_path / TUNER_STATE).write_bytes(b"state")
+    keep_tuner_state(tmp_path)
+    assert (tmp_path / TUNER_STATE_COPY).read_bytes() == b"state"
+    (tmp_path / TUNER_STATE).write_bytes(b"")  # killed mid-write
+    keep_tuner_state(tmp_path)  # an empty file is never kept
+    recover_tuner_state(tmp_path)
+    assert (tmp_path / TUNER_STATE).read_bytes() == b"state"
+    (tmp_path / TUNER_STATE).write_bytes(b"newer")
+    recover_tuner_state(tmp_path)  # a whole file is left as it is
+    assert (tmp_path / TUNER_STATE).read_bytes() == b"newer"
